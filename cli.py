@@ -1,0 +1,213 @@
+"""snapkv-run: generate from a prompt file with a SnapKV-compressed KV cache, streaming the answer to stdout.
+
+    snapkv-run --model weights/SmolLM2-135M-Instruct --prompt examples/long_prompt.txt --stats
+
+Progress and statistics go to stderr so stdout carries only the answer (or one JSON object with --json).
+Any mistake a user can make ends in one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import click
+import typer
+
+DEFAULT_MODEL = Path(__file__).resolve().parent / "weights" / "SmolLM2-135M-Instruct"
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
+                  help="Generate with a SnapKV-compressed KV cache (Llama/Mistral; HF directory or .gguf).")
+
+
+class Pooling(str, Enum):
+    max = "max"
+    avg = "avg"
+
+
+class Policy(str, Enum):
+    snapkv = "snapkv"
+    streaming = "streaming"
+    full = "full"
+
+
+class Device(str, Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class DType(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class UserError(Exception):
+    pass
+
+
+class ProgressDisplay:
+    """A transient rich progress line on stderr while loading and prefilling; gone once text starts streaming."""
+
+    def __init__(self, enabled: bool):
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.console = Console(stderr=True)
+        self.enabled = enabled and self.console.is_terminal
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                            TimeElapsedColumn(), console=self.console, transient=True)
+        self.task = None
+
+    def __enter__(self):
+        if self.enabled:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done()
+
+    def stage(self, text: str, total: int | None = None) -> None:
+        if self.task is None:
+            self.task = self.bar.add_task(text, total=total)
+        self.bar.update(self.task, description=text, total=total, completed=0)
+
+    def progress(self, stage: str, done: int, total: int) -> None:
+        if self.task is not None and self.enabled:
+            label = "prefill (layers)" if stage == "prefill" else "decode (tokens)"
+            self.bar.update(self.task, description=label, total=total, completed=done)
+
+    def note(self, text: str) -> None:
+        self.console.print(f"note: {text}", highlight=False)
+
+    def done(self) -> None:
+        if self.enabled:
+            self.bar.stop()
+            self.enabled = False
+
+
+def print_stats(stats: dict) -> None:
+    from engine.kv_cache import format_bytes
+
+    out = sys.stderr
+    prompt, kept, generated = stats["prompt_tokens"], stats["kept_tokens"], stats.get("generated_tokens", 0)
+    print(f"prompt tokens   {prompt}", file=out)
+    print(f"kept tokens     {kept} per layer and kv head ({prompt / kept:.2f}x compression)", file=out)
+    print(f"KV cache        {format_bytes(stats['kv_bytes'])} (full cache: {format_bytes(stats['full_kv_bytes'])})",
+          file=out)
+    print(f"prefill         {prompt / stats['prefill_s']:.1f} tok/s ({stats['prefill_s']:.2f} s)", file=out)
+    if generated > 1:
+        decode_s = stats["decode_s"]
+        print(f"decode          {(generated - 1) / decode_s:.1f} tok/s ({generated} tokens, {decode_s:.2f} s)",
+              file=out)
+
+
+def read_prompt(prompt: str) -> str:
+    try:
+        raw = sys.stdin.buffer.read() if prompt == "-" else Path(prompt).read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read prompt file {prompt}: {e.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"prompt file {prompt} is not UTF-8 text (bad byte at offset {e.start})") from None
+    if not text.strip():
+        raise UserError(f"prompt file {prompt} is empty")
+    return text
+
+
+@app.command()
+def run(
+    prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt file (UTF-8 text); '-' reads stdin."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="HF-style model directory or .gguf file "
+                                         "[default: weights/SmolLM2-135M-Instruct]"),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n", help="Most tokens to generate."),
+    temperature: float = typer.Option(0.0, help="0 = greedy."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (1 = off)."),
+    top_k: int = typer.Option(0, "--top-k", help="Sample among the k best tokens (0 = off)."),
+    seed: Optional[int] = typer.Option(None, help="Seed for sampling (reproducible output)."),
+    stop: Optional[list[str]] = typer.Option(None, "--stop", help="Stop string (repeatable)."),
+    chat: bool = typer.Option(True, "--chat/--no-chat", help="Wrap the prompt in the model's chat template."),
+    budget: int = typer.Option(1024, help="SnapKV: entries kept per layer and kv head, window included."),
+    no_snapkv: bool = typer.Option(False, "--no-snapkv", help="Keep the full KV cache."),
+    window: int = typer.Option(32, help="SnapKV observation window (last prompt tokens that vote)."),
+    kernel: int = typer.Option(7, help="SnapKV pooling kernel (odd)."),
+    pooling: Pooling = typer.Option(Pooling.max, help="SnapKV vote pooling."),
+    policy: Policy = typer.Option(Policy.snapkv, help="Selection policy (snapkv, streaming, full)."),
+    device: Device = typer.Option(Device.cpu, help="cpu or cuda."),
+    dtype: DType = typer.Option(DType.float32, help="Weights and KV-cache dtype."),
+    stats: bool = typer.Option(False, "--stats", help="Print token counts, KV bytes and speeds to stderr."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (text + stats) instead."),
+    show_kept: Optional[Path] = typer.Option(None, "--show-kept", help="Write an HTML page (and a .png heatmap "
+                                             "beside it) showing which prompt tokens SnapKV kept."),
+):
+    """Generate an answer for the prompt in FILE."""
+    from engine import LLM, SamplingParams
+    from snapkv import SnapKVConfig
+
+    model_path = model or DEFAULT_MODEL
+    if not model_path.exists():
+        hint = " (run `make weights` to fetch the default model)" if model is None else ""
+        raise UserError(f"model not found: {model_path}{hint}")
+    text = read_prompt(prompt)
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                            seed=seed, stop=list(stop or []))
+    snapkv = None if no_snapkv else SnapKVConfig(budget=budget, window=window, kernel=kernel,
+                                                 pooling=pooling.value, policy=policy.value)
+    with ProgressDisplay(enabled=not as_json) as display:
+        display.stage(f"loading {model_path.name}")
+        llm = LLM(model_path, device=device.value, dtype=dtype.value, snapkv=snapkv)
+        if chat and llm.tokenizer.chat_template is None:
+            chat = False
+            display.note("the model has no chat template; sending the prompt as plain text")
+        if show_kept is not None or as_json:
+            out = llm.generate(text, params, chat=chat, return_kept=show_kept is not None,
+                               progress=display.progress)[0]
+        else:
+            results: list = []
+            for delta in llm.stream(text, params, chat=chat, progress=display.progress, result=results):
+                display.done()
+                sys.stdout.write(delta)
+                sys.stdout.flush()
+            out = results[0]
+    if as_json:
+        print(json.dumps({"text": out.text, "finish_reason": out.finish_reason, "token_ids": out.token_ids,
+                          "stats": out.stats}))
+    else:
+        if show_kept is not None:
+            sys.stdout.write(out.text)
+        sys.stdout.write("\n")
+    if show_kept is not None:
+        from snapkv.kept_view import write_kept_report
+
+        html, png = write_kept_report(show_kept, llm.tokenizer, out.prompt_token_ids, out.kept)
+        print(f"kept-token view: {html} and {png}", file=sys.stderr)
+    if stats and not as_json:
+        print_stats(out.stats)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        app(args=argv, standalone_mode=False)
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.exceptions.Abort:
+        print("error: aborted", file=sys.stderr)
+        return 130
+    except click.ClickException as e:
+        print(f"error: {e.format_message()}", file=sys.stderr)
+        return 2
+    except (UserError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""KVCache: the static, preallocated key/value store that prefill fills and decode appends to.
+
+One buffer each for K and V, `[layers, batch, kv_heads, capacity, head_dim]`, plus `lengths[batch]`, the number of
+entries each sequence holds (the same in every layer and kv head: SnapKV keeps `budget` entries everywhere). Shapes
+never change after allocation, which is what lets the decode step be captured as a CUDA graph. Entries of a
+sequence need not be contiguous positions: after SnapKV they are the kept prompt positions, post-RoPE; `positions`
+records each entry's original position when the model has a sliding window and needs it. The size is checked
+against free memory before anything is allocated.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCacheTooLarge(ValueError):
+    """The requested cache does not fit; the message says by how much and what to lower."""
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        import os
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+class KVCache:
+    def __init__(self, num_layers: int, batch: int, num_kv_heads: int, capacity: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 track_positions: bool = False):
+        device = torch.device(device)
+        shape = (num_layers, batch, num_kv_heads, capacity, head_dim)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        needed = 2 * num_layers * batch * num_kv_heads * capacity * head_dim * itemsize
+        if track_positions:
+            needed += num_layers * batch * num_kv_heads * capacity * 4
+        free = available_memory_bytes(device)
+        if needed > free:
+            per_entry = needed / max(batch * capacity, 1)
+            fits = int(free // per_entry) if per_entry else 0
+            raise KVCacheTooLarge(
+                f"the KV cache needs {format_bytes(needed)} ({batch} sequence(s) x {capacity} entries x "
+                f"{num_layers} layers) but only {format_bytes(free)} is free on {device}; about {fits} entries "
+                "in total would fit: use a shorter prompt or fewer new tokens, a smaller batch, or a SnapKV budget")
+        self.shape, self.dtype, self.device = shape, dtype, device
+        self.capacity = capacity
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        self.positions = (torch.zeros(shape[:-1], dtype=torch.int32, device=device) if track_positions else None)
+        self.slot_index = torch.arange(batch, device=device)
+        self.entry_index = torch.arange(capacity, device=device)
+
+    @property
+    def nbytes(self) -> int:
+        extra = self.positions.nbytes if self.positions is not None else 0
+        return self.k.nbytes + self.v.nbytes + extra
+
+    def bytes_per_entry(self) -> int:
+        """Bytes one kept token costs in one sequence: all layers, K and V, all kv heads."""
+        layers, _, heads, _, dim = self.shape
+        return 2 * layers * heads * dim * self.k.element_size()
+
+    def write_prefill(self, layer: int, slot: int, k: torch.Tensor, v: torch.Tensor,
+                      positions: torch.Tensor) -> None:
+        """Store one sequence's kept entries for one layer: k/v [kv_heads, n, head_dim], positions [kv_heads, n]."""
+        n = k.shape[1]
+        if n > self.capacity:
+            raise KVCacheTooLarge(f"{n} entries do not fit a cache of capacity {self.capacity}")
+        self.k[layer, slot, :, :n] = k
+        self.v[layer, slot, :, :n] = v
+        if self.positions is not None:
+            self.positions[layer, slot, :, :n] = positions.to(torch.int32)
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
+        """Decode: write one entry per sequence at index lengths[b]. k/v [batch, kv_heads, 1, head_dim]."""
+        self.k[layer, self.slot_index, :, self.lengths] = k[:, :, 0]
+        self.v[layer, self.slot_index, :, self.lengths] = v[:, :, 0]
+        if self.positions is not None:
+            self.positions[layer, self.slot_index, :, self.lengths] = positions.to(torch.int32)[:, None]
+
+    def valid(self, layer: int, positions: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
+        """Bool [batch, 1 | kv_heads, capacity]: the entries the current decode queries may attend to
+        (including the one just appended at index lengths[b])."""
+        mask = (self.entry_index[None, :] <= self.lengths[:, None])[:, None]
+        if sliding_window is not None and self.positions is not None:
+            mask = mask & (self.positions[layer] > (positions - sliding_window)[:, None, None])
+        return mask
+
+    def advance(self, active: torch.Tensor) -> None:
+        """After a decode step: live sequences grow by one; finished ones stay put (their slot is reused as is)."""
+        self.lengths.add_(active).clamp_(max=self.capacity - 1)

@@ -1,0 +1,1 @@
+"""Llama/Mistral networks, their configs and weight loaders (safetensors, GGUF)."""

@@ -1,0 +1,59 @@
+"""Convert a GGUF file into a standard HF model directory (config.json, float32 model.safetensors, tokenizer.json,
+tokenizer_config.json with the chat template) that both this engine and HF transformers load.
+
+    python -m models.convert IN.gguf OUT_DIR
+
+The safetensors hold exactly the dequantized GGUF values. This converter is the one place under models/ that uses
+engine/ (for the tokenizer): it is a command-line tool, not part of the network.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from models.config import ModelConfig
+from models.loader import gguf_tensors, read_gguf_metadata
+
+
+def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
+    from engine.tokenizer import Tokenizer
+
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    if not gguf_path.is_file():
+        raise ValueError(f"{gguf_path}: no such GGUF file")
+    fields = read_gguf_metadata(gguf_path)
+    cfg = ModelConfig.from_gguf_fields(fields, source=str(gguf_path))
+    tokenizer = Tokenizer.from_gguf_fields(fields)
+    tensors = {name: t for _, name, t in gguf_tensors(gguf_path, cfg)}
+    if cfg.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2) + "\n")
+    tokenizer.save_hf_files(out_dir)
+    # Written last and via a temporary name: its presence marks a complete conversion (make uses it as target).
+    tmp = out_dir / "model.safetensors.partial"
+    save_file(tensors, str(tmp), metadata={"format": "pt", "source": gguf_path.name})
+    tmp.replace(out_dir / "model.safetensors")
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
+        print("usage: python -m models.convert IN.gguf OUT_DIR", file=sys.stderr)
+        return 2
+    try:
+        out = convert_gguf(argv[0], argv[1])
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
