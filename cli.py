@@ -14,7 +14,6 @@ from enum import Enum
 from pathlib import Path
 from typing import Optional
 
-import click
 import typer
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "weights" / "SmolLM2-135M-Instruct"
@@ -192,13 +191,14 @@ def run(
 def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, standalone_mode=False)
-    except click.exceptions.Exit as e:
+    except typer.Exit as e:
         return e.exit_code
-    except click.exceptions.Abort:
+    except typer.Abort:
         print("error: aborted", file=sys.stderr)
         return 130
-    except click.ClickException as e:
-        print(f"error: {e.format_message()}", file=sys.stderr)
+    except typer.TyperException as e:  # usage errors: unknown option, bad value type, missing --prompt
+        message = e.format_message() if hasattr(e, "format_message") else str(e)
+        print(f"error: {' '.join(message.split())}", file=sys.stderr)
         return 2
     except (UserError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,0 +1,95 @@
+"""cli.py (snapkv-run): output, --json/--stats, and one-line errors with exit code 2 for bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import cli
+from tests.conftest import ROOT
+
+
+def run_main(capsys, *args):
+    code = cli.main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def prompt_file(tmp_path):
+    f = tmp_path / "prompt.txt"
+    f.write_text("What is the capital of France?")
+    return f
+
+
+def test_json_output_matches_library(capsys, smol_dir, prompt_file):
+    code, out, err = run_main(capsys, "--model", str(smol_dir), "--prompt", str(prompt_file), "--json",
+                              "--max-new-tokens", "12", "--no-snapkv")
+    assert code == 0
+    result = json.loads(out)
+    from engine import LLM, SamplingParams
+
+    expected = LLM(smol_dir).generate("What is the capital of France?", SamplingParams(max_tokens=12), chat=True)[0]
+    assert result["text"] == expected.text and result["token_ids"] == expected.token_ids
+    assert result["stats"]["prompt_tokens"] == expected.stats["prompt_tokens"]
+
+
+def test_streamed_text_and_stats(capsys, smol_dir, prompt_file):
+    code, out, err = run_main(capsys, "--model", str(smol_dir), "--prompt", str(prompt_file), "--stats",
+                              "--max-new-tokens", "12")
+    assert code == 0
+    assert "Paris" in out
+    assert "prompt tokens" in err and "kept tokens" in err and "KV cache" in err and "decode" in err
+
+
+def test_console_script_reads_stdin():
+    exe = ROOT / ".venv" / "bin" / "snapkv-run"
+    proc = subprocess.run([str(exe), "--prompt", "-", "--max-new-tokens", "8", "--no-chat", "--json"],
+                          input="The capital of France is".encode(), capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert json.loads(proc.stdout)["stats"]["prompt_tokens"] == 5
+
+
+def assert_one_line_error(code, err, pattern):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    import re
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+def test_bad_inputs_exit_2_with_one_line(capsys, smol_dir, prompt_file, tmp_path):
+    model = ["--model", str(smol_dir)]
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("café".encode("latin-1"))
+    huge = tmp_path / "huge.txt"
+    huge.write_text("word " * 9000)
+    not_model = tmp_path / "not_a_model"
+    not_model.mkdir()
+    cases = [
+        (["--model", str(tmp_path / "missing"), "--prompt", str(prompt_file)], "model not found"),
+        (["--model", str(not_model), "--prompt", str(prompt_file)], "not a model directory"),
+        ([*model, "--prompt", str(tmp_path / "nope.txt")], "cannot read prompt file"),
+        ([*model, "--prompt", str(empty)], "is empty"),
+        ([*model, "--prompt", str(latin1)], "not UTF-8"),
+        ([*model, "--prompt", str(huge)], "at most 8192 positions"),
+        ([*model, "--prompt", str(prompt_file), "--temperature", "-1"], "temperature"),
+        ([*model, "--prompt", str(prompt_file), "--top-p", "2"], "top_p"),
+        ([*model, "--prompt", str(prompt_file), "--max-new-tokens", "0"], "max_tokens"),
+        ([*model, "--prompt", str(prompt_file), "--max-new-tokens", "ten"], "Invalid value for .--max-new-tokens."),
+        ([*model, "--prompt", str(prompt_file), "--device", "tpu"], "tpu"),
+        ([*model], "Missing option '--prompt'"),
+    ]
+    for args, pattern in cases:
+        code, _, err = run_main(capsys, *args)
+        assert_one_line_error(code, err, pattern)
+
+
+def test_default_model_hint(capsys, prompt_file, monkeypatch, tmp_path):
+    monkeypatch.setattr(cli, "DEFAULT_MODEL", tmp_path / "weights" / "SmolLM2-135M-Instruct")
+    code, _, err = run_main(capsys, "--prompt", str(prompt_file))
+    assert_one_line_error(code, err, "run `make weights`")

@@ -1,0 +1,135 @@
+"""engine.LLM: greedy generation token-identical to HF transformers `generate`, batching that changes nothing,
+streaming, stop strings and the statistics each output carries."""
+
+import shutil
+
+import pytest
+import torch
+
+from engine import LLM, SamplingParams
+from tests.conftest import SMOL_DIR, save_tiny, tiny_hf_model
+
+CHAT_PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
+                "List three uses of a paperclip, one per line."]
+
+
+@pytest.fixture(scope="module")
+def smol(smol_dir):
+    return LLM(smol_dir)
+
+
+@pytest.fixture(scope="module")
+def hf_smol(smol_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return (AutoModelForCausalLM.from_pretrained(smol_dir, dtype=torch.float32).eval(),
+            AutoTokenizer.from_pretrained(smol_dir))
+
+
+def hf_greedy(model, ids: list[int], n: int, eos=True) -> list[int]:
+    x = torch.tensor([ids])
+    kwargs = {} if eos else {"eos_token_id": None, "pad_token_id": 0}
+    with torch.no_grad():
+        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False, **kwargs)
+    return out[0, len(ids):].tolist()
+
+
+def test_smollm2_chat_greedy_matches_transformers(smol, hf_smol):
+    hf, tok = hf_smol
+    outs = smol.generate(CHAT_PROMPTS, SamplingParams(max_tokens=64), chat=True)
+    for prompt, out in zip(CHAT_PROMPTS, outs):
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                      return_dict=True)["input_ids"]
+        assert out.prompt_token_ids == list(ids)
+        assert out.token_ids == hf_greedy(hf, list(ids), 64)
+        assert out.text == tok.decode(out.token_ids, skip_special_tokens=True)
+    assert {o.finish_reason for o in outs} <= {"stop", "length"}
+
+
+def test_smollm2_long_greedy_without_eos(smol, hf_smol):
+    """64 tokens past any eos, on a 600-token prompt: exercises decode over a real-sized cache."""
+    hf, _ = hf_smol
+    ids = smol.tokenizer.encode((SMOL_DIR.parents[1] / "examples" / "long_prompt.txt").read_text())[:600]
+    out = smol.generate(prompt_token_ids=[ids], sampling_params=SamplingParams(max_tokens=64, ignore_eos=True))[0]
+    assert len(out.token_ids) == 64 and out.finish_reason == "length"
+    assert out.token_ids == hf_greedy(hf, ids, 64, eos=False)
+
+
+def tiny_llm(tmp_path, kind, **overrides):
+    hf = tiny_hf_model(kind, vocab_size=256, **overrides)
+    save_tiny(hf, tmp_path)
+    for f in ("tokenizer.json", "tokenizer_config.json"):  # any tokenizer will do for id-level tests
+        shutil.copy(SMOL_DIR / f, tmp_path / f)
+    return hf, LLM(tmp_path, max_batch_size=4)
+
+
+@pytest.mark.parametrize("kind,overrides", [("llama", {}), ("llama", {"num_key_value_heads": 1}),
+                                            ("mistral", {"sliding_window": 24})])
+def test_tiny_models_match_transformers(tmp_path, smol_dir, kind, overrides):
+    hf, llm = tiny_llm(tmp_path, kind, **overrides)
+    torch.manual_seed(3)
+    prompts = [torch.randint(3, 256, (n,)).tolist() for n in (40, 57)]  # longer than the sliding window
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(max_tokens=48, ignore_eos=True))
+    for ids, out in zip(prompts, outs):
+        assert out.token_ids == hf_greedy(hf, ids, 48, eos=False)
+
+
+def test_batch_equals_alone(tmp_path, smol_dir):
+    _, llm = tiny_llm(tmp_path, "mistral", sliding_window=32)
+    torch.manual_seed(4)
+    prompts = [torch.randint(3, 256, (n,)).tolist() for n in (5, 61, 23, 40)]
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (30, 12, 45, 1)]
+    together = llm.generate(prompt_token_ids=prompts, sampling_params=params)
+    for ids, p, out in zip(prompts, params, together):
+        alone = llm.generate(prompt_token_ids=[ids], sampling_params=p)[0]
+        assert out.token_ids == alone.token_ids and len(out.token_ids) == p.max_tokens
+
+
+def test_more_prompts_than_batch_slots(smol):
+    prompts = ["Say hi.", "Say bye.", "Count to three.", "Name a fruit.", "Name a dog breed.",
+               "What is 2+2?", "Spell cat.", "Name a colour.", "Say yes.", "Say no."]
+    many = smol.generate(prompts, SamplingParams(max_tokens=6), chat=True)  # max_batch_size 8 -> two batches
+    alone = [smol.generate(p, SamplingParams(max_tokens=6), chat=True)[0] for p in prompts[7:]]
+    assert [o.token_ids for o in many[7:]] == [o.token_ids for o in alone]
+
+
+def test_stream_equals_generate_and_stop_strings(smol):
+    params = SamplingParams(max_tokens=40)
+    full = smol.generate("Write a haiku about the sea.", params, chat=True)[0]
+    pieces = list(smol.stream("Write a haiku about the sea.", params, chat=True))
+    assert len(pieces) > 3 and "".join(pieces) == full.text
+    # stop at the first newline: the text ends before it, and streaming never shows it
+    stopped = smol.generate("Write a haiku about the sea.", SamplingParams(max_tokens=40, stop=["\n"]), chat=True)[0]
+    assert "\n" in full.text and stopped.text == full.text.split("\n")[0] and stopped.finish_reason == "stop"
+    streamed = "".join(smol.stream("Write a haiku about the sea.", SamplingParams(max_tokens=40, stop=["\n"]),
+                                   chat=True))
+    assert streamed == stopped.text
+
+
+def test_stats(smol):
+    out = smol.generate(prompt_token_ids=[list(range(200, 300))],
+                        sampling_params=SamplingParams(max_tokens=10, ignore_eos=True))[0]
+    s = out.stats
+    assert s["prompt_tokens"] == 100 and s["kept_tokens"] == 100 and s["generated_tokens"] == 10
+    assert s["kv_bytes"] == 30 * 2 * 3 * 64 * (100 + 10) * 4 == s["full_kv_bytes"]
+    assert s["prefill_s"] > 0 and s["decode_s"] > 0
+
+
+def test_input_errors(smol):
+    with pytest.raises(ValueError, match="empty"):
+        smol.generate(prompt_token_ids=[[]])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        smol.generate(prompt_token_ids=[[5, 49152]])
+    with pytest.raises(ValueError, match="at most 8192 positions"):
+        smol.generate(prompt_token_ids=[[5] * 8192])
+    with pytest.raises(ValueError, match="exactly one of"):
+        smol.generate()
+    with pytest.raises(ValueError, match="2 sampling params for 1 prompts"):
+        smol.generate(["hi"], [SamplingParams(), SamplingParams()])
+
+
+def test_generation_capped_at_max_model_len(smol_dir):
+    llm = LLM(smol_dir, max_model_len=110)
+    out = llm.generate(prompt_token_ids=[list(range(200, 300))],
+                       sampling_params=SamplingParams(max_tokens=50, ignore_eos=True))[0]
+    assert len(out.token_ids) == 10 and out.finish_reason == "length"
