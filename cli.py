@@ -95,8 +95,8 @@ def print_stats(stats: dict) -> None:
     prompt, kept, generated = stats["prompt_tokens"], stats["kept_tokens"], stats.get("generated_tokens", 0)
     print(f"prompt tokens   {prompt}", file=out)
     print(f"kept tokens     {kept} per layer and kv head ({prompt / kept:.2f}x compression)", file=out)
-    print(f"KV cache        {format_bytes(stats['kv_bytes'])} (full cache: {format_bytes(stats['full_kv_bytes'])})",
-          file=out)
+    print(f"KV cache        {format_bytes(stats['kv_bytes'])} (full cache: {format_bytes(stats['full_kv_bytes'])}, "
+          f"{stats['full_kv_bytes'] / stats['kv_bytes']:.2f}x larger)", file=out)
     print(f"prefill         {prompt / stats['prefill_s']:.1f} tok/s ({stats['prefill_s']:.2f} s)", file=out)
     if generated > 1:
         decode_s = stats["decode_s"]
@@ -185,6 +185,7 @@ def run(
         html, png = write_kept_report(show_kept, llm.tokenizer, out.prompt_token_ids, out.kept)
         print(f"kept-token view: {html} and {png}", file=sys.stderr)
     if stats and not as_json:
+        sys.stdout.flush()  # the answer first, then the figures
         print_stats(out.stats)
 
 

@@ -93,3 +93,53 @@ def test_default_model_hint(capsys, prompt_file, monkeypatch, tmp_path):
     monkeypatch.setattr(cli, "DEFAULT_MODEL", tmp_path / "weights" / "SmolLM2-135M-Instruct")
     code, _, err = run_main(capsys, "--prompt", str(prompt_file))
     assert_one_line_error(code, err, "run `make weights`")
+
+
+def test_snapkv_flags_and_show_kept(capsys, smol_dir, tmp_path):
+    from html.parser import HTMLParser
+
+    prompt = tmp_path / "long.txt"
+    prompt.write_text((ROOT / "examples" / "long_prompt.txt").read_text()[:3000])
+    page = tmp_path / "view" / "kept.html"
+    code, out, err = run_main(capsys, "--model", str(smol_dir), "--prompt", str(prompt), "--budget", "200",
+                              "--window", "16", "--kernel", "5", "--pooling", "avg", "--max-new-tokens", "4",
+                              "--show-kept", str(page), "--stats")
+    assert code == 0, err
+    assert "kept tokens     200 per layer and kv head" in err
+    png = page.with_suffix(".png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+
+    assert matplotlib.image.imread(png).shape[0] > 100
+
+    class Spans(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.spans, self.open_tags = 0, []
+
+        def handle_starttag(self, tag, attrs):
+            self.spans += tag == "span" and "title" in dict(attrs)
+            if tag not in ("meta",):
+                self.open_tags.append(tag)
+
+        def handle_endtag(self, tag):
+            assert self.open_tags.pop() == tag  # well nested
+
+    parser = Spans()
+    text = page.read_text()
+    parser.feed(text)
+    assert text.startswith("<!DOCTYPE html>") and parser.open_tags == []
+    prompt_tokens = int(err.split("prompt tokens")[1].split()[0])
+    assert parser.spans == prompt_tokens  # one shaded span per prompt token
+    assert "kept by 100%" in text and "kept by 0%" in text  # the window is always kept; most filler is not
+
+
+def test_bad_snapkv_values_exit_2(capsys, smol_dir, prompt_file):
+    model = ["--model", str(smol_dir), "--prompt", str(prompt_file)]
+    for args, pattern in [(["--budget", "16", "--window", "32"], "must be larger than window"),
+                          (["--kernel", "4"], "odd number"),
+                          (["--window", "0"], "window must be at least 1"),
+                          (["--pooling", "mean"], "Invalid value for '--pooling'"),
+                          (["--policy", "h2o"], "Invalid value for '--policy'")]:
+        code, _, err = run_main(capsys, *model, *args)
+        assert_one_line_error(code, err, pattern)
