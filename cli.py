@@ -27,6 +27,11 @@ class Pooling(str, Enum):
     avg = "avg"
 
 
+class GroupAgg(str, Enum):
+    mean = "mean"
+    max = "max"
+
+
 class Policy(str, Enum):
     snapkv = "snapkv"
     streaming = "streaming"
@@ -135,9 +140,15 @@ def run(
     window: int = typer.Option(32, help="SnapKV observation window (last prompt tokens that vote)."),
     kernel: int = typer.Option(7, help="SnapKV pooling kernel (odd)."),
     pooling: Pooling = typer.Option(Pooling.max, help="SnapKV vote pooling."),
+    group_agg: GroupAgg = typer.Option(GroupAgg.mean, "--group-agg", help="SnapKV: how the query heads of one "
+                                       "kv group combine their votes."),
     policy: Policy = typer.Option(Policy.snapkv, help="Selection policy (snapkv, streaming, full)."),
     device: Device = typer.Option(Device.cpu, help="cpu or cuda."),
     dtype: DType = typer.Option(DType.float32, help="Weights and KV-cache dtype."),
+    cuda_graph: bool = typer.Option(True, "--cuda-graph/--no-cuda-graph", help="On CUDA, replay the decode step "
+                                    "as a captured CUDA graph (--no-cuda-graph: eager)."),
+    compile_step: bool = typer.Option(False, "--compile", help="Run the decode step through torch.compile "
+                                      "(slow start; see benchmarks/results/decode_cpu.md for when it pays)."),
     stats: bool = typer.Option(False, "--stats", help="Print token counts, KV bytes and speeds to stderr."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (text + stats) instead."),
     show_kept: Optional[Path] = typer.Option(None, "--show-kept", help="Write an HTML page (and a .png heatmap "
@@ -155,10 +166,12 @@ def run(
     params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                             seed=seed, stop=list(stop or []))
     snapkv = None if no_snapkv else SnapKVConfig(budget=budget, window=window, kernel=kernel,
-                                                 pooling=pooling.value, policy=policy.value)
+                                                 pooling=pooling.value, group_agg=group_agg.value,
+                                                 policy=policy.value)
     with ProgressDisplay(enabled=not as_json) as display:
         display.stage(f"loading {model_path.name}")
-        llm = LLM(model_path, device=device.value, dtype=dtype.value, snapkv=snapkv)
+        llm = LLM(model_path, device=device.value, dtype=dtype.value, snapkv=snapkv, cuda_graph=cuda_graph,
+                  compile=compile_step)
         if chat and llm.tokenizer.chat_template is None:
             chat = False
             display.note("the model has no chat template; sending the prompt as plain text")

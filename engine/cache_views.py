@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from engine.kv_cache import KVCache
-from models.attention import decode_attention, prefill_attention
+from models.attention import decode_attention, decode_backend, prefill_attention
 from snapkv.policies import SelectionPolicy
 
 
@@ -43,8 +43,12 @@ class PrefillView:
 class DecodeView:
     def __init__(self, cache: KVCache, positions: torch.Tensor, sliding_window: int | None):
         self.cache, self.positions, self.sliding_window = cache, positions, sliding_window
+        self.backend = decode_backend(cache.device, needs_position_mask=sliding_window is not None)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        self.cache.append(layer, k, v, self.positions)
-        valid = self.cache.valid(layer, self.positions, self.sliding_window)
-        return decode_attention(q, self.cache.k[layer], self.cache.v[layer], valid)
+        cache = self.cache
+        cache.append(layer, k, v, self.positions)
+        if self.backend == "flash":  # entries 0..lengths[b] are valid, the one just appended included
+            return decode_attention(q, cache.k[layer], cache.v[layer], None, cache.lengths + 1, "flash")
+        valid = cache.valid(layer, self.positions, self.sliding_window)
+        return decode_attention(q, cache.k[layer], cache.v[layer], valid)

@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 import torch
 
 from engine.cache_views import PrefillView
-from engine.decode_step import DecodeStep
+from engine.decode_step import CompiledStep, CUDAGraphStep, DecodeStep, batch_bucket
 from engine.kv_cache import KVCache
 from engine.sampler import make_generator, sample_tokens
 from engine.sampling_params import SamplingParams
@@ -28,6 +28,7 @@ from snapkv.config import SnapKVConfig
 from snapkv.policies import make_policy
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CAPACITY_MULTIPLE = 64  # cache capacities are rounded up so that calls of similar size reuse one graph/compile
 
 # progress(stage, done, total): stage is "prefill" (done = layers of the current prompt) or "decode" (tokens)
 ProgressFn = Callable[[str, int, int], None]
@@ -85,7 +86,9 @@ class _Sequence:
 class LLM:
     def __init__(self, model: str | Path, device: str = "cpu", dtype: str | torch.dtype = "float32",
                  snapkv: SnapKVConfig | None = None, max_batch_size: int = 8, max_model_len: int | None = None,
-                 allow_longer_context: bool = False):
+                 allow_longer_context: bool = False, cuda_graph: bool = True, compile: bool = False):
+        """cuda_graph: on CUDA, decode by replaying a captured graph (False: eager). compile: on CPU, run the
+        decode step through torch.compile (slow to start; pays off on long generations)."""
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' requested but no CUDA GPU is available; use --device cpu")
@@ -109,6 +112,8 @@ class LLM:
         self.max_model_len = max_model_len if allow_longer_context and max_model_len else \
             min(max_model_len or limit, limit)
         self.eos_ids = set(self.tokenizer.eos_token_ids) | set(self.config.eos_token_ids)
+        self.cuda_graph, self.compile = cuda_graph, compile
+        self._decoder: tuple | None = None  # (batch, capacity) -> (step, runner), kept for reuse across calls
 
     # --- input ------------------------------------------------------------------------------------------------
 
@@ -173,35 +178,58 @@ class LLM:
         if result is not None:
             result.append(seq.out)
 
+    def _decode_runner(self, batch: int, capacity: int) -> tuple[DecodeStep, object]:
+        """The static cache + decode step for this batch bucket and capacity, reused when the shape repeats
+        (a captured CUDA graph or a compiled step is only worth its set-up cost if it is replayed)."""
+        if self._decoder is not None and self._decoder[0] == (batch, capacity):
+            _, step, runner = self._decoder
+            runner.reset()
+            return step, runner
+        self._decoder = None  # free the previous cache before allocating the next
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # so that mem_get_info, which the cache size check reads, sees it as free
+        cfg = self.config
+        cache = KVCache(cfg.num_layers, batch, cfg.num_kv_heads, capacity, cfg.head_dim, self.dtype, self.device,
+                        track_positions=cfg.sliding_window is not None)
+        step = DecodeStep(self.model, cache)
+        if self.device.type == "cuda" and self.cuda_graph:
+            runner = CUDAGraphStep(step)
+        elif self.compile:
+            runner = CompiledStep(step)
+        else:
+            runner = step
+        self._decoder = ((batch, capacity), step, runner)
+        return step, runner
+
     @torch.inference_mode()
     def _run(self, seqs: list[_Sequence], return_kept: bool, progress: ProgressFn | None) -> Iterator[None]:
         """Prefill every sequence into its slot, then decode them together; yields after each new token round."""
-        cfg = self.config
         max_new = [min(s.params.max_tokens, self.max_model_len - len(s.out.prompt_token_ids)) for s in seqs]
         kept_lengths = [self.policy.kept_length(len(s.out.prompt_token_ids)) for s in seqs]
-        capacity = max(k + n for k, n in zip(kept_lengths, max_new))
-        cache = KVCache(cfg.num_layers, len(seqs), cfg.num_kv_heads, capacity, cfg.head_dim, self.dtype,
-                        self.device, track_positions=cfg.sliding_window is not None)
-        step = DecodeStep(self.model, cache)
+        needed = max(k + n for k, n in zip(kept_lengths, max_new))
+        capacity = -(-needed // CAPACITY_MULTIPLE) * CAPACITY_MULTIPLE
+        batch = batch_bucket(len(seqs), self.max_batch_size)
+        step, runner = self._decode_runner(batch, capacity)
         if progress is not None:
             self._attach_layer_progress(progress)
         try:
             for slot, seq in enumerate(seqs):
-                self._prefill(seq, slot, cache, step, return_kept, max_new[slot])
+                self._prefill(seq, slot, step, return_kept, max_new[slot])
                 yield
         finally:
             self._detach_layer_progress()
 
         decode_start = time.perf_counter()
-        params = [None if s.out.finish_reason else s.params for s in seqs]
+        params = [None if s.out.finish_reason else s.params for s in seqs] + [None] * (batch - len(seqs))
+        generators = [s.generator for s in seqs] + [None] * (batch - len(seqs))
         while any(p is not None for p in params):
-            logits = step()
-            tokens = sample_tokens(logits, params, [s.generator for s in seqs])
-            for slot, (seq, token) in enumerate(zip(seqs, tokens)):
+            logits = runner()
+            tokens = sample_tokens(logits, params, generators)
+            for slot, seq in enumerate(seqs):
                 if params[slot] is None:
                     continue
-                seq.add_token(token, self.tokenizer, self.eos_ids, max_new[slot])
-                step.tokens[slot] = token
+                seq.add_token(tokens[slot], self.tokenizer, self.eos_ids, max_new[slot])
+                step.tokens[slot] = tokens[slot]
                 if seq.out.finish_reason:
                     params[slot] = None
                     step.active[slot] = 0
@@ -212,12 +240,12 @@ class LLM:
         for seq in seqs:
             generated, stats = len(seq.out.token_ids), seq.out.stats
             stats.update(decode_s=decode_s, generated_tokens=generated,
-                         kv_bytes=cache.bytes_per_entry() * (stats["kept_tokens"] + generated),
-                         full_kv_bytes=cache.bytes_per_entry() * (stats["prompt_tokens"] + generated))
+                         kv_bytes=step.cache.bytes_per_entry() * (stats["kept_tokens"] + generated),
+                         full_kv_bytes=step.cache.bytes_per_entry() * (stats["prompt_tokens"] + generated))
 
-    def _prefill(self, seq: _Sequence, slot: int, cache: KVCache, step: DecodeStep, return_kept: bool,
-                 max_new: int) -> None:
+    def _prefill(self, seq: _Sequence, slot: int, step: DecodeStep, return_kept: bool, max_new: int) -> None:
         ids = seq.out.prompt_token_ids
+        cache = step.cache
         start = time.perf_counter()
         view = PrefillView(cache, slot, self.policy, self.config.sliding_window, record_kept=return_kept)
         input_ids = torch.tensor([ids], device=self.device)

@@ -1,11 +1,17 @@
 """Attention math shared by the model's default path and the engine's cache views: causal prefill attention
-(optionally sliding-window) and single-query decode attention over a padded static cache. GQA is handled by
-SDPA's `enable_gqa`, so K/V are never repeated to the query-head count."""
+(optionally sliding-window) and single-query decode attention over a padded static cache, by flash-attn's
+`flash_attn_with_kvcache` when that optional package is importable on CUDA, else by SDPA. GQA is native in both
+(SDPA's `enable_gqa`), so K/V are never repeated to the query-head count."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+try:  # optional: there is no PyPI wheel; install it yourself on a CUDA machine and it is used for decode
+    from flash_attn import flash_attn_with_kvcache
+except ImportError:
+    flash_attn_with_kvcache = None
 
 
 def causal_mask(q_len: int, k_len: int, device, sliding_window: int | None = None) -> torch.Tensor:
@@ -32,9 +38,23 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     valid: torch.Tensor) -> torch.Tensor:
-    """One query per sequence over a static cache. q [B, H, 1, D], k/v [B, Hkv, C, D], valid bool [B, Hkv|1, C]."""
+def decode_backend(device: torch.device, needs_position_mask: bool) -> str:
+    """"flash" when flash-attn is importable and the cache is on CUDA, else "sdpa". flash-attn only knows
+    per-sequence lengths, so a sliding window over a compressed cache (a per-entry position mask) needs SDPA."""
+    if flash_attn_with_kvcache is not None and device.type == "cuda" and not needs_position_mask:
+        return "flash"
+    return "sdpa"
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, valid: torch.Tensor,
+                     lengths: torch.Tensor | None = None, backend: str = "sdpa") -> torch.Tensor:
+    """One query per sequence over a static cache. q [B, H, 1, D], k/v [B, Hkv, C, D], valid bool [B, Hkv|1, C]
+    (True = attend); for "flash", lengths [B] = valid entries per sequence (a prefix of the buffer)."""
+    if backend == "flash":
+        # flash-attn wants [B, C, Hkv, D]; a transposed view works since it takes strides, last dim contiguous
+        out = flash_attn_with_kvcache(q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2),
+                                      cache_seqlens=lengths.to(torch.int32))
+        return out.transpose(1, 2)
     mask = valid.unsqueeze(2)  # [B, Hkv|1, 1, C]
     group = q.shape[1] // k_cache.shape[1]
     if mask.shape[1] != 1 and group != 1:

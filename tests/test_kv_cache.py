@@ -24,7 +24,7 @@ def test_llm_reports_the_cache_error(monkeypatch, smol_dir):
 
     llm = LLM(smol_dir)
     monkeypatch.setattr(kv_cache, "available_memory_bytes", lambda device: 10 * 2**20)
-    with pytest.raises(KVCacheTooLarge, match=r"needs 21\.97 MiB .* only 10\.00 MiB is free"):
+    with pytest.raises(KVCacheTooLarge, match=r"needs 22\.50 MiB \(1 sequence\(s\) x 512 entries .* only 10\.00 MiB is free"):
         llm.generate(prompt_token_ids=[[5] * 400], sampling_params=SamplingParams(max_tokens=100))
 
 

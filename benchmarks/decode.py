@@ -1,0 +1,266 @@
+"""Decode benchmark: milliseconds per decode step vs context length, full cache vs SnapKV budgets, this engine vs
+HF transformers (full, growing DynamicCache) on the same model; batch 1/4/8 throughput; achieved GB/s per step
+against the bytes a step must read (weights + kept KV) and against measured copy bandwidth.
+
+    .venv/bin/python -m benchmarks.decode                                   # CPU: SmolLM2 float32, 1K -> 8K
+    python -m benchmarks.decode --device cuda --shape llama3-8b --dtype bfloat16 \\
+        --contexts 1024,4096,16384,65536,131072                             # GPU: random 8B weights, CUDA graphs
+
+The cache is filled with random K/V of the requested length instead of running a prefill: a decode step's cost
+does not depend on the values, and this keeps the CPU run to minutes. Writes benchmarks/results/decode_<device>.md
+and .png, and prints the goal ratios at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from engine.decode_step import CompiledStep, CUDAGraphStep, DecodeStep
+from engine.kv_cache import KVCache
+from models.config import ModelConfig
+from models.llama import LlamaForCausalLM, RotaryEmbedding
+from models.loader import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = {  # random-weight presets for shapes whose real weights are not reachable from here
+    "llama3-8b": dict(hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
+                      intermediate_size=14336, vocab_size=128256, rope_theta=500000.0,
+                      max_position_embeddings=131072 * 4, tie_word_embeddings=False),
+}
+
+
+def build_model(shape: str, device: torch.device, dtype: torch.dtype) -> LlamaForCausalLM:
+    if shape == "smollm2":
+        return load_model(ROOT / "weights" / "SmolLM2-135M-Instruct", dtype, device)
+    cfg = ModelConfig(**SHAPES[shape])
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(dtype)
+    for p in model.parameters():
+        p.data.normal_(0, 0.02)
+    model.rotary = RotaryEmbedding(cfg).to(device)
+    return model.eval().requires_grad_(False)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    # the embedding table is only looked up (one row per token); a tied one is read in full by the lm_head
+    embed = model.model.embed_tokens.weight
+    if not model.config.tie_word_embeddings:
+        total -= embed.numel() * embed.element_size()
+    return total
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes/s of a large device-to-device copy (read + write counted)."""
+    x = torch.empty(2**28 // 4 * (4 if device.type == "cuda" else 1), dtype=torch.float32, device=device)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    times = []
+    for _ in range(5):
+        sync(device)
+        start = time.perf_counter()
+        y.copy_(x)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return 2 * x.nbytes / min(times)
+
+
+def engine_step_ms(model, batch: int, entries: int, steps: int, mode: str) -> float:
+    """Median ms of one static decode step with `entries` cache entries per sequence (random K/V)."""
+    cfg, device = model.config, model.lm_head.weight.device
+    dtype = model.lm_head.weight.dtype
+    cache = KVCache(cfg.num_layers, batch, cfg.num_kv_heads, entries + steps + 8, cfg.head_dim, dtype, device)
+    step = DecodeStep(model, cache)
+    runner = CUDAGraphStep(step) if mode == "graph" else CompiledStep(step) if mode == "compile" else step
+    cache.k.normal_()
+    cache.v.normal_()
+
+    def reset():
+        cache.lengths.fill_(entries)
+        step.positions.fill_(entries)
+        step.active.fill_(1)
+
+    reset()
+    with torch.inference_mode():
+        for _ in range(3):
+            runner()
+        reset()
+        times = []
+        for _ in range(steps):
+            sync(device)
+            start = time.perf_counter()
+            logits = runner()
+            step.tokens.copy_(logits.argmax(-1))  # as the engine does: the next input depends on this output
+            sync(device)
+            times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def hf_step_ms(model, context: int, steps: int) -> float:
+    """Median ms of one HF decode forward (batch 1) on a DynamicCache holding `context` random entries."""
+    from transformers import DynamicCache
+
+    cfg, device = model.config, model.device
+    dtype = next(model.parameters()).dtype
+    kv_heads = cfg.num_key_value_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    cache = DynamicCache(config=cfg)
+    for layer in range(cfg.num_hidden_layers):
+        k = torch.randn(1, kv_heads, context, head_dim, dtype=dtype, device=device)
+        cache.update(k, torch.randn_like(k), layer)
+    token = torch.tensor([[100]], device=device)
+    times = []
+    with torch.inference_mode():
+        for i in range(steps + 3):
+            sync(device)
+            start = time.perf_counter()
+            out = model(input_ids=token, past_key_values=cache, use_cache=True,
+                        position_ids=torch.tensor([[context + i]], device=device))
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            sync(device)
+            if i >= 3:
+                times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def hf_model_for(shape: str, ours: LlamaForCausalLM, device: torch.device, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM as HFLlama
+
+    if shape == "smollm2":
+        return AutoModelForCausalLM.from_pretrained(ROOT / "weights" / "SmolLM2-135M-Instruct",
+                                                    dtype=dtype).to(device).eval()
+    cfg = LlamaConfig(**{k: v for k, v in ours.config.to_hf_dict().items() if k not in ("architectures",)})
+    with torch.device(device):
+        hf = HFLlama(cfg).to(dtype).eval()
+    hf.load_state_dict(ours.state_dict(), strict=False)  # same random weights
+    return hf
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in dict.fromkeys(r["config"] for r in rows):
+        pts = [(r["context"], r["ms"]) for r in rows if r["config"] == name]
+        ax.plot(*zip(*pts), marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("ms per decode step (batch 1)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--shape", default="smollm2", choices=["smollm2", *SHAPES])
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--contexts", default="1024,2048,4096,8192")
+    parser.add_argument("--budgets", default="512,1024,2048")
+    parser.add_argument("--batches", default="1,4,8")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--mode", default=None, choices=["eager", "compile", "graph"],
+                        help="how the engine runs its step (default: graph on CUDA, eager on CPU)")
+    parser.add_argument("--no-hf", action="store_true", help="skip the HF transformers comparison")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("float32" if args.device == "cpu" else "bfloat16"))
+    mode = args.mode or ("graph" if device.type == "cuda" else "eager")
+    contexts = [int(c) for c in args.contexts.split(",")]
+    budgets = [int(b) for b in args.budgets.split(",")]
+    batches = [int(b) for b in args.batches.split(",")]
+    model = build_model(args.shape, device, dtype)
+    cfg = model.config
+    entry_bytes = cfg.kv_bytes_per_token * torch.empty((), dtype=dtype).element_size()
+    weights = weight_bytes(model)
+    bandwidth = copy_bandwidth(device)
+    hf = None if args.no_hf else hf_model_for(args.shape, model, device, dtype)
+
+    rows = []
+    for context in contexts:
+        configs = [("engine full", context)] + [(f"engine SnapKV {b}", b) for b in budgets if b < context]
+        for name, entries in configs:
+            ms = engine_step_ms(model, 1, entries, args.steps, mode)
+            rows.append(dict(config=name, context=context, ms=ms, bytes=weights + entries * entry_bytes))
+        if hf is not None:
+            rows.append(dict(config="HF transformers full", context=context, ms=hf_step_ms(hf, context, args.steps),
+                             bytes=weights + context * entry_bytes))
+        print(f"context {context}: " + ", ".join(f"{r['config']} {r['ms']:.1f} ms" for r in rows
+                                                 if r["context"] == context), flush=True)
+    throughput = []
+    batch_entries = min(budgets)
+    for batch in batches:
+        ms = engine_step_ms(model, batch, batch_entries, args.steps, mode)
+        throughput.append(dict(batch=batch, ms=ms, tok_s=batch * 1000 / ms,
+                               bytes=weights + batch * batch_entries * entry_bytes))
+
+    name = f"decode_{device.type}" + ("" if args.mode is None else f"_{mode}")
+    out_dir = ROOT / "benchmarks" / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    title = f"{args.shape}, {str(dtype).removeprefix('torch.')}, {device.type}, step mode {mode}"
+    plot(rows, out_dir / f"{name}.png", title)
+    lines = [f"# Decode step latency: {title}", "",
+             f"Command: `python -m benchmarks.decode --device {args.device} --shape {args.shape} "
+             f"--contexts {args.contexts} --budgets {args.budgets} --batches {args.batches} --steps {args.steps}`",
+             f"Median of {args.steps} steps; cache filled with random K/V. Weights read per step: "
+             f"{weights / 2**20:.0f} MiB; KV per token: {entry_bytes} B. Measured copy bandwidth: "
+             f"{bandwidth / 1e9:.1f} GB/s. Threads: {torch.get_num_threads()}.", "",
+             "| context | config | ms/step | tok/s | bytes read/step | achieved GB/s | % of copy bandwidth |",
+             "|---:|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        gbs = r["bytes"] / (r["ms"] / 1000) / 1e9
+        lines.append(f"| {r['context']} | {r['config']} | {r['ms']:.2f} | {1000 / r['ms']:.1f} | "
+                     f"{r['bytes'] / 2**20:.0f} MiB | {gbs:.1f} | {100 * gbs * 1e9 / bandwidth:.0f}% |")
+    lines += ["", f"Batch throughput (engine, SnapKV-sized cache of {batch_entries} entries per sequence):", "",
+              "| batch | ms/step | tok/s | achieved GB/s |", "|---:|---:|---:|---:|"]
+    for t in throughput:
+        lines.append(f"| {t['batch']} | {t['ms']:.2f} | {t['tok_s']:.1f} | {t['bytes'] / (t['ms'] / 1000) / 1e9:.1f} |")
+
+    def ms_of(config, context):
+        return next((r["ms"] for r in rows if r["config"] == config and r["context"] == context), None)
+
+    first, last = contexts[0], contexts[-1]
+    ratios = []
+    for b in budgets:
+        at_first = ms_of(f"engine SnapKV {b}", first) or ms_of("engine full", first)
+        at_last = ms_of(f"engine SnapKV {b}", last)
+        if at_last and at_first:
+            ratios.append(f"SnapKV {b}: step at {last} / step at {first} = {at_last / at_first:.3f} "
+                          "(goal <= 1.05)")
+    if hf is not None:
+        for context in contexts:
+            best = min(ms_of(f"engine SnapKV {b}", context) or ms_of("engine full", context) for b in budgets)
+            ratios.append(f"context {context}: engine full / HF = {ms_of('HF transformers full', context) / ms_of('engine full', context):.2f}x tok/s; "
+                          f"engine SnapKV (best budget) / HF = {ms_of('HF transformers full', context) / best:.2f}x tok/s")
+    tput = {t["batch"]: t["tok_s"] for t in throughput}
+    if 1 in tput and max(tput) > 1:
+        ratios.append(f"batch {max(tput)} / batch 1 tokens/s = {tput[max(tput)] / tput[1]:.2f}x")
+    lines += ["", "## Ratios (measured in this run)", "", *[f"- {r}" for r in ratios], ""]
+    (out_dir / f"{name}.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
