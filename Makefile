@@ -37,5 +37,11 @@ demo: install weights
 test: install weights
 	$(VENV)/bin/pytest -q tests
 
+# quick quality eval (every task once at 1K tokens, a small NIAH grid, budgets 128/256): a few minutes on 2 cores.
+# The full eval and the defaults sweep are documented in benchmarks/results/quality.md.
+eval: install weights
+	rm -f benchmarks/results/eval_quick.jsonl  # rows are resumable; a fresh file makes `make eval` rerun them
+	$(PY) -m benchmarks.eval --quick
+
 clean:
 	rm -rf $(VENV) $(WEIGHTS) $(GGUF) weights/.download

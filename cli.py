@@ -103,6 +103,9 @@ def print_stats(stats: dict) -> None:
     print(f"KV cache        {format_bytes(stats['kv_bytes'])} (full cache: {format_bytes(stats['full_kv_bytes'])}, "
           f"{stats['full_kv_bytes'] / stats['kv_bytes']:.2f}x larger)", file=out)
     print(f"prefill         {prompt / stats['prefill_s']:.1f} tok/s ({stats['prefill_s']:.2f} s)", file=out)
+    measured = stats.get("measured_peak_bytes")
+    print(f"peak memory     predicted {format_bytes(stats['predicted_peak_bytes'])}, measured "
+          f"{format_bytes(measured) if measured is not None else 'n/a'} (beyond the weights)", file=out)
     if generated > 1:
         decode_s = stats["decode_s"]
         print(f"decode          {(generated - 1) / decode_s:.1f} tok/s ({generated} tokens, {decode_s:.2f} s)",
@@ -137,19 +140,25 @@ def run(
     chat: bool = typer.Option(True, "--chat/--no-chat", help="Wrap the prompt in the model's chat template."),
     budget: int = typer.Option(1024, help="SnapKV: entries kept per layer and kv head, window included."),
     no_snapkv: bool = typer.Option(False, "--no-snapkv", help="Keep the full KV cache."),
-    window: int = typer.Option(32, help="SnapKV observation window (last prompt tokens that vote)."),
-    kernel: int = typer.Option(7, help="SnapKV pooling kernel (odd)."),
+    window: int = typer.Option(16, help="SnapKV observation window (last prompt tokens that vote); 16 measured "
+                               "best on SmolLM2 (benchmarks/results/quality.md)."),
+    kernel: int = typer.Option(15, help="SnapKV pooling kernel (odd); wide so a needle's neighbours survive."),
     pooling: Pooling = typer.Option(Pooling.max, help="SnapKV vote pooling."),
-    group_agg: GroupAgg = typer.Option(GroupAgg.mean, "--group-agg", help="SnapKV: how the query heads of one "
-                                       "kv group combine their votes."),
+    group_agg: GroupAgg = typer.Option(GroupAgg.max, "--group-agg", help="SnapKV: how the query heads of one "
+                                       "kv group combine their votes (max: a position any head wants is kept)."),
     policy: Policy = typer.Option(Policy.snapkv, help="Selection policy (snapkv, streaming, full)."),
     device: Device = typer.Option(Device.cpu, help="cpu or cuda."),
     dtype: DType = typer.Option(DType.float32, help="Weights and KV-cache dtype."),
     cuda_graph: bool = typer.Option(True, "--cuda-graph/--no-cuda-graph", help="On CUDA, replay the decode step "
                                     "as a captured CUDA graph (--no-cuda-graph: eager)."),
     compile_step: bool = typer.Option(False, "--compile", help="Run the decode step through torch.compile "
-                                      "(slow start; see benchmarks/results/decode_cpu.md for when it pays)."),
-    stats: bool = typer.Option(False, "--stats", help="Print token counts, KV bytes and speeds to stderr."),
+                                      "(slow start; see benchmarks/results/decode_steps_cpu*.md for when it pays)."),
+    prefill_chunk: Optional[int] = typer.Option(None, "--prefill-chunk", help="Prefill prompts longer than this "
+                                                "layer by layer in chunks of this many tokens (bounds prefill "
+                                                "memory) [default: 4096 on cuda, 512 on cpu]"),
+    allow_longer_context: bool = typer.Option(False, "--allow-longer-context", help="Accept prompts longer "
+                                              "than the model's max_position_embeddings."),
+    stats: bool = typer.Option(False, "--stats", help="Print token counts, KV bytes, speeds and memory to stderr."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (text + stats) instead."),
     show_kept: Optional[Path] = typer.Option(None, "--show-kept", help="Write an HTML page (and a .png heatmap "
                                              "beside it) showing which prompt tokens SnapKV kept."),
@@ -171,7 +180,7 @@ def run(
     with ProgressDisplay(enabled=not as_json) as display:
         display.stage(f"loading {model_path.name}")
         llm = LLM(model_path, device=device.value, dtype=dtype.value, snapkv=snapkv, cuda_graph=cuda_graph,
-                  compile=compile_step)
+                  compile=compile_step, prefill_chunk_size=prefill_chunk, allow_longer_context=allow_longer_context)
         if chat and llm.tokenizer.chat_template is None:
             chat = False
             display.note("the model has no chat template; sending the prompt as plain text")

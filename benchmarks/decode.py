@@ -7,7 +7,7 @@ against the bytes a step must read (weights + kept KV) and against measured copy
         --contexts 1024,4096,16384,65536,131072                             # GPU: random 8B weights, CUDA graphs
 
 The cache is filled with random K/V of the requested length instead of running a prefill: a decode step's cost
-does not depend on the values, and this keeps the CPU run to minutes. Writes benchmarks/results/decode_<device>.md
+does not depend on the values, and this keeps the CPU run to minutes. Writes benchmarks/results/decode_steps_<device>.md
 and .png, and prints the goal ratios at the end.
 """
 
@@ -216,7 +216,7 @@ def main() -> None:
         throughput.append(dict(batch=batch, ms=ms, tok_s=batch * 1000 / ms,
                                bytes=weights + batch * batch_entries * entry_bytes))
 
-    name = f"decode_{device.type}" + ("" if args.mode is None else f"_{mode}")
+    name = f"decode_steps_{device.type}" + ("" if args.mode is None else f"_{mode}")
     out_dir = ROOT / "benchmarks" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     title = f"{args.shape}, {str(dtype).removeprefix('torch.')}, {device.type}, step mode {mode}"

@@ -22,9 +22,15 @@ class PrefillView:
         self.cache, self.slot, self.policy, self.sliding_window = cache, slot, policy, sliding_window
         self.kept: list[torch.Tensor] | None = [] if record_kept else None  # per layer: [kv_heads, n] positions
         self.kept_length = 0
+        self.tail_queries = policy.queries_needed  # what a chunked prefill must hand to `store`
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         out = prefill_attention(q, k, v, self.sliding_window)
+        self.store(layer, q, k, v)
+        return out
+
+    def store(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Select this layer's entries to keep (q: at least the last `tail_queries` queries) and write them."""
         keep = self.policy.select(q, k)
         k, v = k[0], v[0]  # prefill runs one sequence: [kv_heads, T, head_dim]
         if keep is None:
@@ -37,7 +43,6 @@ class PrefillView:
         self.kept_length = keep.shape[1]
         if self.kept is not None:
             self.kept.append(keep.cpu())
-        return out
 
 
 class DecodeView:

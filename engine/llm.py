@@ -19,7 +19,8 @@ import torch
 
 from engine.cache_views import PrefillView
 from engine.decode_step import CompiledStep, CUDAGraphStep, DecodeStep, batch_bucket
-from engine.kv_cache import KVCache
+from engine.kv_cache import KVCache, available_memory_bytes, format_bytes
+from engine.memory_model import PeakMeter, longest_prompt_that_fits, predict_generation_peak
 from engine.sampler import make_generator, sample_tokens
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
@@ -86,9 +87,13 @@ class _Sequence:
 class LLM:
     def __init__(self, model: str | Path, device: str = "cpu", dtype: str | torch.dtype = "float32",
                  snapkv: SnapKVConfig | None = None, max_batch_size: int = 8, max_model_len: int | None = None,
-                 allow_longer_context: bool = False, cuda_graph: bool = True, compile: bool = False):
-        """cuda_graph: on CUDA, decode by replaying a captured graph (False: eager). compile: on CPU, run the
-        decode step through torch.compile (slow to start; pays off on long generations)."""
+                 allow_longer_context: bool = False, cuda_graph: bool = True, compile: bool = False,
+                 prefill_chunk_size: int | None = None):
+        """allow_longer_context: accept prompts past the model's max_position_embeddings (RoPE extrapolates; the
+        config's rope scaling, if any, applies). cuda_graph: on CUDA, decode by replaying a captured graph (False:
+        eager). compile: run the decode step through torch.compile. prefill_chunk_size: prompts longer than this
+        are prefilled layer by layer in chunks of this many queries, which bounds prefill memory (default 4096 on
+        CUDA; 512 on CPU, where SDPA materializes each chunk's causal mask, chunk x prompt length)."""
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' requested but no CUDA GPU is available; use --device cpu")
@@ -99,6 +104,10 @@ class LLM:
             raise ValueError(f"unsupported dtype {dtype!r}; use one of {', '.join(DTYPES)}")
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be a positive integer (got {max_batch_size!r})")
+        prefill_chunk_size = prefill_chunk_size or (4096 if self.device.type == "cuda" else 512)
+        if not isinstance(prefill_chunk_size, int) or prefill_chunk_size < 1:
+            raise ValueError(f"prefill_chunk_size must be a positive integer (got {prefill_chunk_size!r})")
+        self.prefill_chunk_size = prefill_chunk_size
         path = Path(model)
         if not path.exists():
             raise ValueError(f"{path}: no such model file or directory")
@@ -108,9 +117,9 @@ class LLM:
         self.snapkv = snapkv
         self.policy = make_policy(snapkv)
         self.max_batch_size = max_batch_size
+        self.allow_longer_context = allow_longer_context
         limit = self.config.max_position_embeddings
-        self.max_model_len = max_model_len if allow_longer_context and max_model_len else \
-            min(max_model_len or limit, limit)
+        self.max_model_len = (max_model_len or 1 << 31) if allow_longer_context else min(max_model_len or limit, limit)
         self.eos_ids = set(self.tokenizer.eos_token_ids) | set(self.config.eos_token_ids)
         self.cuda_graph, self.compile = cuda_graph, compile
         self._decoder: tuple | None = None  # (batch, capacity) -> (step, runner), kept for reuse across calls
@@ -127,8 +136,9 @@ class LLM:
         if not ids:
             raise ValueError("the prompt is empty")
         if len(ids) >= self.max_model_len:
+            hint = "" if self.allow_longer_context else " or allow longer contexts (--allow-longer-context)"
             raise ValueError(f"the prompt has {len(ids)} tokens but the model handles at most {self.max_model_len} "
-                             "positions; shorten the prompt")
+                             f"positions; shorten the prompt{hint}")
         bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary (size {self.config.vocab_size})")
@@ -209,15 +219,22 @@ class LLM:
         needed = max(k + n for k, n in zip(kept_lengths, max_new))
         capacity = -(-needed // CAPACITY_MULTIPLE) * CAPACITY_MULTIPLE
         batch = batch_bucket(len(seqs), self.max_batch_size)
-        step, runner = self._decode_runner(batch, capacity)
+        longest = max(len(s.out.prompt_token_ids) for s in seqs)
+        predicted = self._check_memory(longest, capacity, batch, max(max_new))
         if progress is not None:
             self._attach_layer_progress(progress)
         try:
-            for slot, seq in enumerate(seqs):
-                self._prefill(seq, slot, step, return_kept, max_new[slot])
-                yield
+            with PeakMeter(self.device) as meter:
+                step, runner = self._decode_runner(batch, capacity)
+                for slot, seq in enumerate(seqs):
+                    self._prefill(seq, slot, step, return_kept, max_new[slot])
+                    if slot < len(seqs) - 1:
+                        yield
         finally:
             self._detach_layer_progress()
+        for seq in seqs:
+            seq.out.stats.update(predicted_peak_bytes=predicted, measured_peak_bytes=meter.peak)
+        yield
 
         decode_start = time.perf_counter()
         params = [None if s.out.finish_reason else s.params for s in seqs] + [None] * (batch - len(seqs))
@@ -243,13 +260,33 @@ class LLM:
                          kv_bytes=step.cache.bytes_per_entry() * (stats["kept_tokens"] + generated),
                          full_kv_bytes=step.cache.bytes_per_entry() * (stats["prompt_tokens"] + generated))
 
+    def _check_memory(self, prompt_len: int, capacity: int, batch: int, max_new: int) -> int:
+        """Refuse, before allocating anything, a generation whose predicted peak exceeds free memory."""
+        cfg, e = self.config, self.model.lm_head.weight.element_size()
+        window = self.policy.queries_needed
+        chunk, kind = self.prefill_chunk_size, self.device.type
+        estimate = predict_generation_peak(cfg, prompt_len, capacity, batch, e, chunk, window, kind)
+        held = self._decoder[1].cache.nbytes if self._decoder else 0  # freed or reused by this call
+        free = available_memory_bytes(self.device) + held
+        if estimate.total > free:
+            def capacity_for(t):
+                return self.policy.kept_length(t) + max_new
+
+            fits = longest_prompt_that_fits(cfg, free, capacity_for, batch, e, chunk, window, kind)
+            raise ValueError(
+                f"a {prompt_len}-token prompt needs about {format_bytes(estimate.total)} beyond the weights "
+                f"({estimate.describe()}) but {format_bytes(free)} is free on {self.device}; about {fits} tokens "
+                f"would fit with these settings: shorten the prompt, set a SnapKV budget, lower the prefill chunk "
+                f"size or run fewer prompts at once")
+        return estimate.total
+
     def _prefill(self, seq: _Sequence, slot: int, step: DecodeStep, return_kept: bool, max_new: int) -> None:
         ids = seq.out.prompt_token_ids
         cache = step.cache
         start = time.perf_counter()
         view = PrefillView(cache, slot, self.policy, self.config.sliding_window, record_kept=return_kept)
         input_ids = torch.tensor([ids], device=self.device)
-        logits = self.model(input_ids, ctx=view, last_only=True)[:, -1]
+        logits = self.model(input_ids, ctx=view, last_only=True, chunk_size=self.prefill_chunk_size)[:, -1]
         cache.lengths[slot] = view.kept_length
         token = sample_tokens(logits, [seq.params], [seq.generator])[0]
         seq.out.stats.update(prompt_tokens=len(ids), kept_tokens=view.kept_length,

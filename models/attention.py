@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 try:  # optional: there is no PyPI wheel; install it yourself on a CUDA machine and it is used for decode
     from flash_attn import flash_attn_with_kvcache
@@ -32,7 +33,8 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if sliding_window is None or sliding_window >= s:
         if t == s:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        mask = causal_mask(t, s, q.device)
+        # a query chunk after earlier keys: lower-right causal, which SDPA runs without building the mask
+        mask = causal_lower_right(t, s)
     else:
         mask = causal_mask(t, s, q.device, sliding_window)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)

@@ -20,9 +20,15 @@ from models.config import ModelConfig
 
 
 class AttentionContext(Protocol):
-    """A cache view: given one layer's q [B,H,T,D] and k/v [B,Hkv,T,D] (post-RoPE), return attention [B,H,T,D]."""
+    """A cache view: given one layer's q [B,H,T,D] and k/v [B,Hkv,T,D] (post-RoPE), return attention [B,H,T,D].
+    A chunked prefill computes attention itself and only hands over the layer's full k/v and its last
+    `tail_queries` queries, through `store`."""
+
+    tail_queries: int
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
+
+    def store(self, layer: int, q_tail: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None: ...
 
 
 class RMSNorm(nn.Module):
@@ -87,18 +93,27 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                ctx: AttentionContext | None) -> torch.Tensor:
+    def project_q(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        return apply_rope(self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2), cos, sin)
+
+    def project_kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, t, _ = x.shape
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return apply_rope(k, cos, sin), v
+
+    def output(self, attention: torch.Tensor) -> torch.Tensor:
+        b, _, t, _ = attention.shape
+        return self.o_proj(attention.transpose(1, 2).reshape(b, t, -1))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                ctx: AttentionContext | None) -> torch.Tensor:
+        q = self.project_q(x, cos, sin)
+        k, v = self.project_kv(x, cos, sin)
         if ctx is None:
-            out = prefill_attention(q, k, v, self.sliding_window)
-        else:
-            out = ctx.attend(self.layer, q, k, v)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+            return self.output(prefill_attention(q, k, v, self.sliding_window))
+        return self.output(ctx.attend(self.layer, q, k, v))
 
 
 class MLP(nn.Module):
@@ -124,6 +139,30 @@ class DecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
         return x + self.mlp(self.post_attention_layernorm(x))
 
+    def forward_chunked(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                        ctx: AttentionContext | None, chunk: int) -> torch.Tensor:
+        """The same layer for a long prompt, `chunk` positions at a time, updating x in place: first this layer's
+        full K/V, chunk by chunk (handed to the cache view to select and store), then each query chunk attends
+        causally to the keys up to it and runs the MLP. No [T, T] scores, no [T, intermediate] activations."""
+        attn, t = self.self_attn, x.shape[1]
+        chunks = [(s, min(s + chunk, t)) for s in range(0, t, chunk)]
+        k = x.new_empty(x.shape[0], attn.num_kv_heads, t, attn.head_dim)
+        v = torch.empty_like(k)
+        for s, e in chunks:
+            k[:, :, s:e], v[:, :, s:e] = attn.project_kv(self.input_layernorm(x[:, s:e]), cos[:, :, s:e],
+                                                         sin[:, :, s:e])
+        if ctx is not None:
+            tail = max(1, min(t, ctx.tail_queries))
+            ctx.store(attn.layer, attn.project_q(self.input_layernorm(x[:, t - tail:]), cos[:, :, t - tail:],
+                                                 sin[:, :, t - tail:]), k, v)
+        window = attn.sliding_window
+        for s, e in chunks:
+            q = attn.project_q(self.input_layernorm(x[:, s:e]), cos[:, :, s:e], sin[:, :, s:e])
+            first = 0 if window is None else max(0, s - window)  # keys a sliding window hides are skipped
+            h = x[:, s:e] + attn.output(prefill_attention(q, k[:, :, first:e], v[:, :, first:e], window))
+            x[:, s:e] = h + self.mlp(self.post_attention_layernorm(h))
+        return x
+
 
 class Backbone(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -146,14 +185,18 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                ctx: AttentionContext | None = None, last_only: bool = False) -> torch.Tensor:
-        """input_ids [B, T] (positions default to 0..T-1) -> logits [B, T, V] (or [B, 1, V] with last_only)."""
+                ctx: AttentionContext | None = None, last_only: bool = False,
+                chunk_size: int | None = None) -> torch.Tensor:
+        """input_ids [B, T] (positions default to 0..T-1) -> logits [B, T, V] (or [B, 1, V] with last_only).
+        With chunk_size < T the prompt goes through the layers one at a time in chunks of queries (layer-major
+        chunked prefill: memory bounded by one layer's K/V plus the [T, hidden] residual stream)."""
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, x.dtype)
+        chunked = chunk_size is not None and input_ids.shape[1] > chunk_size
         for layer in self.model.layers:
-            x = layer(x, cos, sin, ctx)
+            x = layer.forward_chunked(x, cos, sin, ctx, chunk_size) if chunked else layer(x, cos, sin, ctx)
         if last_only:
             x = x[:, -1:]  # a long prompt's full [T, vocab] logits would cost more memory than its KV cache
         return self.lm_head(self.model.norm(x))

@@ -1,8 +1,9 @@
 """Selection policies behind one interface, so SnapKV can be compared honestly with the alternatives:
 `full` (keep everything), `streaming` (StreamingLLM: attention sinks + the most recent tokens) and `snapkv`.
 
-A policy maps one layer's prefill q [B, H, T, D] and k [B, Hkv, T, D] to the indices [B, Hkv, n] of the entries
-to keep (sorted by position), or None to keep all T."""
+A policy maps one layer's prefill q and k [B, Hkv, T, D] to the indices [B, Hkv, n] of the entries to keep (sorted
+by position), or None to keep all T. q [B, H, >= queries_needed, D] holds at least the prompt's last
+`queries_needed` queries (a chunked prefill never has all of them at once)."""
 
 from __future__ import annotations
 
@@ -15,12 +16,16 @@ from snapkv.select import snapkv_select
 
 
 class SelectionPolicy(Protocol):
+    queries_needed: int
+
     def kept_length(self, prompt_len: int) -> int: ...
 
     def select(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None: ...
 
 
 class FullCache:
+    queries_needed = 0
+
     def kept_length(self, prompt_len: int) -> int:
         return prompt_len
 
@@ -29,6 +34,8 @@ class FullCache:
 
 
 class StreamingLLM:
+    queries_needed = 0
+
     def __init__(self, budget: int, sink_tokens: int = 4):
         self.budget, self.sink_tokens = budget, sink_tokens
 
@@ -47,6 +54,7 @@ class StreamingLLM:
 class SnapKV:
     def __init__(self, cfg: SnapKVConfig):
         self.cfg = cfg
+        self.queries_needed = cfg.window
 
     def kept_length(self, prompt_len: int) -> int:
         return min(prompt_len, self.cfg.budget)

@@ -18,16 +18,20 @@ from snapkv.config import SnapKVConfig
 
 
 def window_votes(q: torch.Tensor, k: torch.Tensor, window: int) -> torch.Tensor:
-    """q [B, H, T, D], k [B, Hkv, T, D] -> votes [B, H, T - window] (fp32): window attention mass per prefix key."""
-    b, h, t, d = q.shape
-    hkv = k.shape[1]
-    q_win = q[:, :, t - window:].float().view(b, hkv, h // hkv, window, d)
-    scores = torch.einsum("bgqwd,bgtd->bgqwt", q_win, k.float()) / math.sqrt(d)
+    """q [B, H, >=window, D] (the prompt's last queries; a chunked prefill passes only those), k [B, Hkv, T, D]
+    -> votes [B, H, T - window] (fp32): the window's attention mass on each prefix key. One kv head's group at a
+    time, so the fp32 scores take [group, window, T], not [heads, window, T] (gigabytes at 512K tokens)."""
+    b, h, _, d = q.shape
+    hkv, t = k.shape[1], k.shape[2]
+    q_win = q[:, :, -window:].float().view(b, hkv, h // hkv, window, d)
     # the i-th window query sits at position t - window + i and must not see later window keys
     future = torch.ones(window, window, dtype=torch.bool, device=q.device).triu(1)
-    scores[..., t - window:].masked_fill_(future, float("-inf"))
-    attn = scores.softmax(dim=-1)
-    return attn[..., : t - window].sum(dim=-2).reshape(b, h, t - window)
+    votes = torch.empty(b, hkv, h // hkv, t - window, dtype=torch.float32, device=q.device)
+    for g in range(hkv):
+        scores = torch.einsum("bqwd,btd->bqwt", q_win[:, g], k[:, g].float()) / math.sqrt(d)
+        scores[..., t - window:].masked_fill_(future, float("-inf"))
+        votes[:, g] = scores.softmax(dim=-1)[..., : t - window].sum(dim=-2)
+    return votes.view(b, h, t - window)
 
 
 def pool_votes(votes: torch.Tensor, kernel: int, pooling: str) -> torch.Tensor:
@@ -59,7 +63,8 @@ def top_positions(scores: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def snapkv_select(q: torch.Tensor, k: torch.Tensor, cfg: SnapKVConfig) -> torch.Tensor | None:
-    """Indices [B, Hkv, budget] of the entries to keep (prefix picks then the window), or None if T <= budget."""
+    """Indices [B, Hkv, budget] of the entries to keep (prefix picks then the window), or None if T <= budget.
+    Only the last `window` queries of q are used."""
     t = k.shape[2]
     if t <= cfg.budget:
         return None

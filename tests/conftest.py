@@ -53,6 +53,17 @@ def save_tiny(model, directory: Path, **save_kwargs) -> Path:
     return directory
 
 
+def tiny_model_dir(directory: Path, kind: str = "llama", **overrides) -> Path:
+    """A tiny random model (vocab 256) saved with SmolLM2's tokenizer files, so that engine.LLM can load it; the
+    tests feed token ids, and any tokenizer covering ids < 256 will do."""
+    import shutil
+
+    save_tiny(tiny_hf_model(kind, vocab_size=256, **overrides), directory)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(SMOL_DIR / f, Path(directory) / f)
+    return Path(directory)
+
+
 def _permute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     # llama.cpp's convert_hf_to_gguf permutation (the loader must undo it)
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)

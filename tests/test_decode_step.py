@@ -2,8 +2,6 @@
 as a CUDA graph"), equals eager token for token; CUDA-graph replay equals eager on a GPU; the attention backend
 falls back to SDPA and the flash-attn plumbing matches SDPA when a (stand-in) flash-attn is present."""
 
-import shutil
-
 import pytest
 import torch
 
@@ -11,14 +9,8 @@ import models.attention as attention
 from engine import LLM, SamplingParams
 from engine.decode_step import batch_bucket
 from snapkv import SnapKVConfig
-from tests.conftest import SMOL_DIR, save_tiny, tiny_hf_model
+from tests.conftest import tiny_model_dir
 
-
-def tiny_dir(tmp_path, kind="llama", **overrides):
-    save_tiny(tiny_hf_model(kind, vocab_size=256, **overrides), tmp_path)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(SMOL_DIR / f, tmp_path / f)
-    return tmp_path
 
 
 def test_batch_buckets():
@@ -31,7 +23,7 @@ def test_compiled_step_fullgraph_no_recompile_equals_eager(tmp_path, monkeypatch
 
     torch._dynamo.reset()
     monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
-    path = tiny_dir(tmp_path, "llama")
+    path = tiny_model_dir(tmp_path, "llama")
     cfg = SnapKVConfig(budget=48, window=8)
     eager, compiled = LLM(path, snapkv=cfg), LLM(path, snapkv=cfg, compile=True)
     params = SamplingParams(max_tokens=24, ignore_eos=True)
@@ -48,7 +40,7 @@ def test_compiled_step_fullgraph_no_recompile_equals_eager(tmp_path, monkeypatch
                                                           "is the CPU stand-in")
 @pytest.mark.parametrize("batch", [1, 4])
 def test_cuda_graph_replay_equals_eager(tmp_path, batch):
-    path = tiny_dir(tmp_path, "mistral", sliding_window=40)
+    path = tiny_model_dir(tmp_path, "mistral", sliding_window=40)
     cfg = SnapKVConfig(budget=48, window=8)
     graphed = LLM(path, device="cuda", snapkv=cfg, cuda_graph=True)
     eager = LLM(path, device="cuda", snapkv=cfg, cuda_graph=False)
@@ -86,7 +78,7 @@ def fake_flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens):
 
 def test_flash_path_matches_sdpa(tmp_path, monkeypatch):
     """The flash-attn route (layout transposes, lengths) gives the tokens SDPA gives; run on CPU with a stand-in."""
-    path = tiny_dir(tmp_path, "llama", num_key_value_heads=1)
+    path = tiny_model_dir(tmp_path, "llama", num_key_value_heads=1)
     prompts = [list(range(3, 80)), list(range(10, 40))]
     params = SamplingParams(max_tokens=16, ignore_eos=True)
     sdpa = LLM(path, snapkv=SnapKVConfig(budget=32, window=4)).generate(prompt_token_ids=prompts,

@@ -1,13 +1,11 @@
 """engine.LLM: greedy generation token-identical to HF transformers `generate`, batching that changes nothing,
 streaming, stop strings and the statistics each output carries."""
 
-import shutil
-
 import pytest
 import torch
 
 from engine import LLM, SamplingParams
-from tests.conftest import SMOL_DIR, save_tiny, tiny_hf_model
+from tests.conftest import SMOL_DIR, tiny_hf_model, tiny_model_dir
 
 CHAT_PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
                 "List three uses of a paperclip, one per line."]
@@ -56,11 +54,8 @@ def test_smollm2_long_greedy_without_eos(smol, hf_smol):
 
 
 def tiny_llm(tmp_path, kind, **overrides):
-    hf = tiny_hf_model(kind, vocab_size=256, **overrides)
-    save_tiny(hf, tmp_path)
-    for f in ("tokenizer.json", "tokenizer_config.json"):  # any tokenizer will do for id-level tests
-        shutil.copy(SMOL_DIR / f, tmp_path / f)
-    return hf, LLM(tmp_path, max_batch_size=4)
+    llm = LLM(tiny_model_dir(tmp_path, kind, **overrides), max_batch_size=4)
+    return tiny_hf_model(kind, vocab_size=256, **overrides), llm  # the same seeded random weights
 
 
 @pytest.mark.parametrize("kind,overrides", [("llama", {}), ("llama", {"num_key_value_heads": 1}),

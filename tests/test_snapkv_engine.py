@@ -2,7 +2,6 @@
 continue at the prompt length, token-exact decode against a masked full-attention reference, and passkeys."""
 
 import random
-import shutil
 import weakref
 
 import pytest
@@ -13,15 +12,11 @@ from engine import LLM, SamplingParams
 from engine.cache_views import PrefillView
 from models.attention import causal_mask, prefill_attention
 from snapkv import SnapKVConfig, snapkv_select
-from tests.conftest import SMOL_DIR, save_tiny, tiny_hf_model
+from tests.conftest import tiny_model_dir
 
 
 def tiny(tmp_path, kind="llama", snapkv=None, **overrides):
-    hf = tiny_hf_model(kind, vocab_size=256, **overrides)
-    save_tiny(hf, tmp_path)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(SMOL_DIR / f, tmp_path / f)
-    return LLM(tmp_path, snapkv=snapkv, max_batch_size=4)
+    return LLM(tiny_model_dir(tmp_path, kind, **overrides), snapkv=snapkv, max_batch_size=4)
 
 
 @pytest.fixture

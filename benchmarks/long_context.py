@@ -1,0 +1,135 @@
+"""Long-context prefill benchmark: prompt length vs prefill time and peak memory, full cache vs SnapKV, and the
+longest prompt that fits each way (from the memory model, checked against the measured peaks).
+
+    .venv/bin/python -m benchmarks.long_context                      # CPU: SmolLM2 float32, 1K -> 16K measured
+    .venv/bin/python -m benchmarks.long_context --lengths 1024,...,65536
+    python -m benchmarks.long_context --device cuda --shape llama3-8b --lengths 16384,65536,262144,524288
+
+Each (length, policy) runs in a fresh process, so the measured peak (resident-set high-water mark on CPU, the
+allocator's peak on CUDA) belongs to that run alone. Writes benchmarks/results/long_context_<device>.md and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "weights" / "SmolLM2-135M-Instruct"
+
+
+def run_one(length: int, policy: str, budget: int, chunk: int, device: str, shape: str) -> dict:
+    """In this process: prefill `length` tokens (+1 decode step) and report time and memory."""
+    from engine import LLM, SamplingParams
+    from snapkv import SnapKVConfig
+
+    snapkv = SnapKVConfig(budget=budget, window=16) if policy == "snapkv" else None
+    if shape != "smollm2":
+        raise SystemExit("random-weight shapes run through benchmarks.decode's builder; see README")
+    llm = LLM(MODEL, device=device, snapkv=snapkv, allow_longer_context=True, prefill_chunk_size=chunk)
+    words = (ROOT / "examples" / "long_prompt.txt").read_text()
+    base = llm.tokenizer.encode(words)
+    ids = (base * (length // len(base) + 1))[:length]
+    # the weights are memory-mapped: page them in first, so that the peak measured is the call's own growth
+    llm.generate(prompt_token_ids=[ids[:64]], sampling_params=SamplingParams(max_tokens=1))
+    out = llm.generate(prompt_token_ids=[ids], sampling_params=SamplingParams(max_tokens=2, ignore_eos=True))[0]
+    s = out.stats
+    return dict(length=length, policy=policy, prefill_s=s["prefill_s"], measured=s["measured_peak_bytes"],
+                predicted=s["predicted_peak_bytes"], kv_bytes=s["kv_bytes"])
+
+
+def longest_fits(free_bytes: int, budget: int | None, chunk: int) -> int:
+    from engine.memory_model import longest_prompt_that_fits
+    from models.loader import load_config
+
+    cfg = load_config(MODEL)
+    return longest_prompt_that_fits(cfg, free_bytes, lambda t: (min(t, budget) if budget else t) + 64, 1, 4, chunk,
+                                    window=16 if budget else 0)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for policy in dict.fromkeys(r["policy"] for r in rows):
+        pts = [r for r in rows if r["policy"] == policy]
+        a.plot([r["length"] for r in pts], [r["prefill_s"] for r in pts], marker="o", label=policy)
+        b.plot([r["length"] for r in pts], [r["measured"] / 2**20 for r in pts], marker="o", label=f"{policy} measured")
+        b.plot([r["length"] for r in pts], [r["predicted"] / 2**20 for r in pts], ls="--", label=f"{policy} predicted")
+    for ax, label in ((a, "prefill seconds"), (b, "peak memory beyond weights (MiB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("prompt tokens")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("SmolLM2-135M, float32, CPU: chunked layer-major prefill")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", default="1024,2048,4096,8192,16384")
+    parser.add_argument("--budget", type=int, default=1024)
+    parser.add_argument("--chunk", type=int, default=512)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--shape", default="smollm2")
+    parser.add_argument("--one", nargs=2, metavar=("LENGTH", "POLICY"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_one(int(args.one[0]), args.one[1], args.budget, args.chunk, args.device, args.shape)))
+        return
+
+    rows = []
+    for length in [int(x) for x in args.lengths.split(",")]:
+        for policy in ("full", "snapkv"):
+            cmd = [sys.executable, "-m", "benchmarks.long_context", "--one", str(length), policy, "--budget",
+                   str(args.budget), "--chunk", str(args.chunk), "--device", args.device, "--shape", args.shape]
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+            if proc.returncode != 0:
+                print(f"{length} {policy}: failed: {proc.stderr.strip().splitlines()[-1:]}", flush=True)
+                continue
+            row = json.loads(proc.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            print(f"{length:>7} {policy:>6}: prefill {row['prefill_s']:.1f} s, peak {row['measured'] / 2**20:.0f} MiB "
+                  f"(predicted {row['predicted'] / 2**20:.0f} MiB)", flush=True)
+
+    from engine.kv_cache import available_memory_bytes
+
+    free = available_memory_bytes(torch.device(args.device))
+    fits_full, fits_snap = longest_fits(free, None, args.chunk), longest_fits(free, args.budget, args.chunk)
+    out = ROOT / "benchmarks" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"long_context_{args.device}"
+    plot(rows, out / f"{name}.png")
+    lines = [
+        "# Long-context prefill: SmolLM2-135M-Instruct, float32, " + args.device, "",
+        f"Command: `.venv/bin/python -m benchmarks.long_context --lengths {args.lengths} --budget {args.budget} "
+        f"--chunk {args.chunk}`. Layer-major chunked prefill, chunk {args.chunk}; SnapKV budget {args.budget}, "
+        "window 16; one fresh process per row; peak = resident-set high-water mark growth during the call.", "",
+        "| prompt tokens | policy | prefill s | prefill tok/s | KV cache kept | measured peak | predicted peak |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+        *[f"| {r['length']} | {r['policy']} | {r['prefill_s']:.1f} | {r['length'] / r['prefill_s']:.0f} | "
+          f"{r['kv_bytes'] / 2**20:.0f} MiB | {r['measured'] / 2**20:.0f} MiB | {r['predicted'] / 2**20:.0f} MiB |"
+          for r in rows],
+        "",
+        f"Longest prompt that fits in the {free / 2**30:.1f} GiB free here (memory model, weights excluded, "
+        f"64 new tokens): full cache about {fits_full:,} tokens, SnapKV budget {args.budget} about "
+        f"{fits_snap:,} tokens.",
+        "",
+    ]
+    (out / f"{name}.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""Memory model: predict the peak memory a generate call adds on top of the loaded weights, so that an impossible
+request is refused with the figure and what would fit, before it starts, instead of crashing mid-prefill.
+
+The prefill is layer-major and chunked (models.llama.DecoderLayer.forward_chunked), so its peak is a sum of terms
+that each grow with at most one factor of the prompt length T:
+    static cache      batch x capacity x (2 x layers x kv_heads x head_dim) x dtype      (compressed by SnapKV)
+    residual stream   T x hidden x dtype, updated in place                               (one prompt at a time)
+    RoPE tables       T x head_dim x (2 x dtype + fp32 temporaries)
+    one layer's K/V   2 x T x kv_heads x head_dim x dtype                                (never all layers)
+    attention mask    on CPU only: SDPA materializes the lower-right causal mask of a query chunk, chunk x T
+                      (float, plus its bool source); CUDA kernels apply it without building it
+    then the largest of: a chunk's working set (norms, q, attention, MLP: chunk x ~(4 hidden + 3 heads x head_dim
+    + 3 intermediate)) or SnapKV's scoring of the window (fp32 scores and softmax of one kv group,
+    [group, window, T], plus [heads, T] votes and their pooled copies, and the sort of [kv_heads, T] scores)
+plus the last position's logits. A 15% margin covers allocator slack.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.kv_cache import format_bytes
+from models.config import ModelConfig
+
+MARGIN = 1.15
+FP32 = 4
+
+
+@dataclass
+class MemoryEstimate:
+    total: int
+    parts: dict[str, int]
+
+    def describe(self) -> str:
+        return ", ".join(f"{name} {format_bytes(n)}" for name, n in self.parts.items() if n)
+
+
+def predict_generation_peak(cfg: ModelConfig, prompt_len: int, capacity: int, batch: int, dtype_bytes: int,
+                            chunk: int, window: int = 0, device_type: str = "cpu") -> MemoryEstimate:
+    """Peak bytes added by one generate call: prefill of the longest prompt into a cache of `capacity` entries
+    per sequence for `batch` slots (window: SnapKV's observation window, 0 without SnapKV)."""
+    t, e = prompt_len, dtype_bytes
+    c = min(chunk, t)
+    hkv, d, h = cfg.num_kv_heads, cfg.head_dim, cfg.num_heads
+    cache = batch * capacity * cfg.kv_bytes_per_token * e
+    if cfg.sliding_window is not None:
+        cache += batch * capacity * cfg.num_layers * hkv * 4  # int32 position of each entry
+    chunk_work = c * (4 * cfg.hidden_size + 3 * h * d + 4 * hkv * d + 3 * cfg.intermediate_size) * e
+    group = h // hkv
+    scoring = (3 * group * window * t + 4 * h * t) * FP32 + 3 * hkv * t * 8 if window else 0
+    parts = {
+        "KV cache": cache,
+        "residual stream": t * cfg.hidden_size * e,
+        "RoPE tables": t * d * (2 * e + 3 * FP32),
+        "one layer's K/V": 2 * t * hkv * d * e,
+        "attention mask": c * t * (FP32 + 1) if device_type == "cpu" and t > chunk else 0,
+        "chunk or scoring work": max(chunk_work, scoring),
+        "logits": cfg.vocab_size * (e + FP32),
+    }
+    return MemoryEstimate(int(MARGIN * sum(parts.values())), parts)
+
+
+def longest_prompt_that_fits(cfg: ModelConfig, free_bytes: int, capacity_for, batch: int, dtype_bytes: int,
+                             chunk: int, window: int = 0, device_type: str = "cpu", limit: int = 1 << 24) -> int:
+    """The longest prompt whose predicted peak fits in free_bytes; capacity_for(T) gives the cache entries."""
+    def fits(t):
+        estimate = predict_generation_peak(cfg, t, capacity_for(t), batch, dtype_bytes, chunk, window, device_type)
+        return estimate.total <= free_bytes
+
+    if not fits(1):
+        return 0
+    lo, hi = 1, limit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
+
+
+class PeakMeter:
+    """Measures how much memory a block of work adds at its peak: on CUDA from the allocator's peak statistics,
+    on CPU (Linux) from the process's resident-set high-water mark, reset at the start through clear_refs."""
+
+    def __init__(self, device):
+        self.device = device
+        self.peak: int | None = None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")  # resets VmHWM to the current RSS
+                self.base = _proc_status_kib("VmRSS")
+            except OSError:
+                self.base = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
+        elif self.base is not None:
+            self.peak = (_proc_status_kib("VmHWM") - self.base) * 1024
+
+
+def _proc_status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise OSError(f"{key} not in /proc/self/status")

@@ -1,0 +1,123 @@
+"""benchmarks.eval: task generators are deterministic and sized in tokens, scorers accept right and reject wrong
+answers, the prefill-once shortcut is token-identical to LLM.generate, and a tiny end-to-end eval runs, resumes
+and is solved by the full cache."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks.eval import tasks
+from benchmarks.eval.prefill_once import PrefilledPrompt, token_agreement
+from benchmarks.eval.report import niah_heatmaps, summary_table
+from benchmarks.eval.runner import evaluate, policy_specs, row_key
+from engine import LLM, SamplingParams
+from engine.tokenizer import Tokenizer
+from snapkv import SnapKVConfig
+
+
+@pytest.fixture(scope="module")
+def count(smol_dir):
+    tok = Tokenizer.from_path(smol_dir)
+    return lambda text: len(tok.encode(text, add_special_tokens=False))
+
+
+@pytest.fixture(scope="module")
+def llm(smol_dir):
+    return LLM(smol_dir)
+
+
+@pytest.mark.parametrize("task", tasks.SUITE)
+def test_generators_are_deterministic_and_sized(task, count):
+    a = tasks.make_case(task, 3, 700, 0.5, count)
+    b = tasks.make_case(task, 3, 700, 0.5, count)
+    c = tasks.make_case(task, 4, 700, 0.5, count)
+    assert a == b
+    assert a.prompt != c.prompt
+    assert a.answers and all(ans for ans in a.answers)
+    # lengths count the chat-formatted prompt; the filler lands within a sentence or two of the target
+    assert abs(count(a.prompt) + tasks.CHAT_OVERHEAD - 700) < 60
+
+
+@pytest.mark.parametrize("task", tasks.SUITE)
+def test_each_task_scores_right_and_wrong_answers(task, count):
+    case = tasks.make_case(task, 1, 600, 0.25, count)
+    right = "The answer is " + ", ".join(case.answers) + "."
+    assert case.score(right) == 1.0
+    assert case.score("I do not know.") == 0.0
+    if len(case.answers) > 1:
+        assert case.score(case.answers[0]) == pytest.approx(1 / len(case.answers))
+
+
+def test_scorers_are_exact():
+    assert tasks.score("numbers", ("12345",), "It is 12345.") == 1.0
+    assert tasks.score("numbers", ("12345",), "It is 1234.") == 0.0  # a dropped digit is wrong
+    assert tasks.score("numbers", ("12345",), "It is 123456.") == 0.0  # so is an extra one
+    assert tasks.score("words", ("violin",), "* Violin\n* bowl") == 1.0
+    assert tasks.score("words", ("violin",), "violins") == 0.0
+    assert tasks.score("phrases", ("in the tin of buttons",), "It is kept in the tin of buttons!") == 1.0
+    assert tasks.score("phrases", ("in the tin of buttons",), "It is kept in the tin.") == 0.0
+    with pytest.raises(ValueError, match="unknown scorer"):
+        tasks.score("fuzzy", ("a",), "a")
+
+
+def test_bad_task_and_short_length_say_what_to_do(count):
+    with pytest.raises(ValueError, match="choose from"):
+        tasks.make_case("trivia", 0, 1000, None, count)
+    with pytest.raises(ValueError, match="too short"):
+        tasks.make_case("passkey", 0, 100, None, count)
+
+
+def test_token_agreement():
+    assert token_agreement([1, 2, 3, 4], [1, 2, 3, 4]) == 1.0
+    assert token_agreement([1, 2, 3, 4], [1, 9, 3]) == 0.5
+    assert token_agreement(list(range(100)), list(range(100)), n=64) == 1.0
+
+
+@pytest.mark.parametrize("length,cfg", [
+    (800, None), (800, SnapKVConfig(budget=192, window=16, kernel=7)),
+    (800, SnapKVConfig(budget=160, window=8, kernel=15, pooling="avg", group_agg="max")),
+    (800, SnapKVConfig(budget=192, policy="streaming")), (450, SnapKVConfig(budget=192, window=32, kernel=5))],
+    ids=["full", "snapkv", "snapkv-avg-max", "streaming", "snapkv-unchunked"])
+def test_prefill_once_equals_generate(llm, smol_dir, count, length, cfg):
+    """800 tokens: longer than the engine's CPU prefill chunk (512), so both sides take the chunked path."""
+    case = tasks.make_case("passkey", 0, length, 0.4, count)
+    ids = llm.encode_prompt(case.prompt, chat=True)
+    expected = LLM(smol_dir, snapkv=cfg).generate(prompt_token_ids=[ids],
+                                                  sampling_params=SamplingParams(max_tokens=12))[0]
+    prefilled = PrefilledPrompt(llm, ids)
+    assert prefilled.decode(cfg, 12).token_ids == expected.token_ids
+    # several policies batched together give the same greedy tokens here
+    batched = prefilled.decode_many([SnapKVConfig(budget=128, window=8), cfg], 12)
+    assert batched[1].token_ids == expected.token_ids
+
+
+def test_windows_wider_than_the_capture_are_refused(llm, count):
+    ids = llm.encode_prompt(tasks.make_case("passkey", 0, 300, 0.5, count).prompt, chat=True)
+    with pytest.raises(ValueError, match="max_window=96"):
+        PrefilledPrompt(llm, ids, max_window=64).decode(SnapKVConfig(budget=200, window=96), 4)
+
+
+def test_small_end_to_end_eval(llm, count, tmp_path):
+    cases = [("suite", tasks.make_case("passkey", 0, 500, None, count)),
+             ("suite", tasks.make_case("qa", 0, 500, None, count)),
+             ("niah_grid", tasks.make_case("niah", 0, 500, 0.5, count))]
+    specs = policy_specs(["full", "snapkv", "streaming"], [256], SnapKVConfig(window=16, kernel=7))
+    out = tmp_path / "eval.jsonl"
+    rows = evaluate(llm, cases, specs, out, max_tokens=24)
+    assert len(rows) == len(cases) * len(specs)
+    full = [r for r in rows if r["policy"] == "full"]
+    assert all(r["score"] == 1.0 for r in full), [r["output"] for r in full]
+    assert all(r["agreement"] == 1.0 and r["recall"] == [1.0] * 30 for r in full)
+    snap = [r for r in rows if r["policy"] == "snapkv"]
+    assert all(r["compression"] > 1.5 and 0 < min(r["recall"]) <= 1 for r in snap)
+    # resumable: a second run finds every row by key and appends nothing
+    lines = out.read_text().splitlines()
+    assert {json.loads(x)["key"] for x in lines} == {row_key(c, s) for _, c in cases for s in specs}
+    evaluate(llm, cases, specs, out, max_tokens=24)
+    assert out.read_text().splitlines() == lines
+    table = summary_table(rows)
+    assert "| full |" in table and "snapkv@256" in table and "streaming@256" in table
+    pngs = niah_heatmaps(rows, tmp_path)
+    assert len(pngs) == len(specs) and all(p.stat().st_size > 0 for p in pngs)
