@@ -8,7 +8,7 @@ that each grow with at most one factor of the prompt length T:
     RoPE tables       T x head_dim x (2 x dtype + fp32 temporaries)
     one layer's K/V   2 x T x kv_heads x head_dim x dtype                                (never all layers)
     attention mask    on CPU only: SDPA materializes the lower-right causal mask of a query chunk, chunk x T
-                      (float, plus its bool source); CUDA kernels apply it without building it
+                      (two float copies plus a bool one, measured); CUDA kernels apply it without building it
     then the largest of: a chunk's working set (norms, q, attention, MLP: chunk x ~(4 hidden + 3 heads x head_dim
     + 3 intermediate)) or SnapKV's scoring of the window (fp32 scores and softmax of one kv group,
     [group, window, T], plus [heads, T] votes and their pooled copies, and the sort of [kv_heads, T] scores)
@@ -53,7 +53,7 @@ def predict_generation_peak(cfg: ModelConfig, prompt_len: int, capacity: int, ba
         "residual stream": t * cfg.hidden_size * e,
         "RoPE tables": t * d * (2 * e + 3 * FP32),
         "one layer's K/V": 2 * t * hkv * d * e,
-        "attention mask": c * t * (FP32 + 1) if device_type == "cpu" and t > chunk else 0,
+        "attention mask": c * t * (2 * FP32 + 1) if device_type == "cpu" and t > chunk else 0,
         "chunk or scoring work": max(chunk_work, scoring),
         "logits": cfg.vocab_size * (e + FP32),
     }

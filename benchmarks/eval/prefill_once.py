@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from engine.cache_views import PrefillView
 from engine.decode_step import DecodeStep
 from engine.kv_cache import KVCache
 from engine.llm import CAPACITY_MULTIPLE
@@ -57,7 +58,7 @@ class _QueryRecorder:
 @dataclass
 class Decoded:
     token_ids: list[int]
-    kept: list[torch.Tensor | None]  # per layer [kv_heads, n] kept prompt positions; None = all
+    kept: list[torch.Tensor]  # per layer [kv_heads, n] kept prompt positions (all of them for the full cache)
     queries: list[torch.Tensor] | None = field(default=None, repr=False)  # per layer [steps, H, D]; slot 0 only
 
 
@@ -108,20 +109,13 @@ class PrefilledPrompt:
         capacity = -(-(max(kept_lens) + max_new) // CAPACITY_MULTIPLE) * CAPACITY_MULTIPLE
         cache = KVCache(config.num_layers, len(cfgs), config.num_kv_heads, capacity, config.head_dim, llm.dtype,
                         llm.device, track_positions=config.sliding_window is not None)
-        kept: list[list[torch.Tensor | None]] = [[] for _ in cfgs]
+        # the engine's own store path, one batch slot per policy (as LLM._prefill fills its slots)
+        views = [PrefillView(cache, slot, policy, config.sliding_window, record_kept=True)
+                 for slot, policy in enumerate(policies)]
         for layer, (q, k, v) in enumerate(self.qkv):
-            for slot, policy in enumerate(policies):
-                keep = policy.select(q, k)
-                k1, v1 = k[0], v[0]
-                if keep is None:
-                    positions = torch.arange(t, device=k.device).expand(k1.shape[0], -1)
-                    kept[slot].append(None)
-                else:
-                    positions = keep[0]
-                    gather = positions[..., None].expand(-1, -1, k1.shape[-1])
-                    k1, v1 = k1.gather(1, gather), v1.gather(1, gather)
-                    kept[slot].append(positions.cpu())
-                cache.write_prefill(layer, slot, k1, v1, positions)
+            for view in views:
+                view.store(layer, q, k, v)
+        kept = [view.kept for view in views]
         step = DecodeStep(llm.model, cache)
         recorder = None
         if record_queries:
@@ -151,16 +145,13 @@ class PrefilledPrompt:
 
 
 def attention_recall(prefilled: PrefilledPrompt, full_queries: list[torch.Tensor],
-                     kept: list[torch.Tensor | None], steps: int = 8) -> list[float]:
+                     kept: list[torch.Tensor], steps: int = 8) -> list[float]:
     """Per layer: the share of the full cache's attention mass on the prompt, from the first `steps` generated
     tokens' queries, that falls on the positions a policy kept (averaged over query heads and steps).
     The softmax is taken over the prompt keys only: generated tokens are kept by every policy, so the ratio of
     kept-prompt mass to all-prompt mass is the part a policy can lose."""
     recalls = []
     for layer, (q_full, keep) in enumerate(zip(full_queries, kept)):
-        if keep is None:
-            recalls.append(1.0)
-            continue
         k = prefilled.qkv[layer][1][0].float()  # [Hkv, T, D]
         q = q_full[:steps].float()  # [S, H, D]
         hkv, _, d = k.shape
