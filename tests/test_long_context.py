@@ -83,8 +83,11 @@ def test_prediction_grows_as_documented():
 
     cfg = ModelConfig(hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
                       intermediate_size=14336, vocab_size=128256)
-    snap = predict_generation_peak(cfg, 512 * 1024, 2048 + 256, 1, 2, 8192, window=32)
-    full = predict_generation_peak(cfg, 512 * 1024, 512 * 1024 + 256, 1, 2, 8192)
+    # the 8B Llama-3 shape at 512K tokens on a GPU, bf16: SnapKV fits next to 16 GB of weights, the full cache not
+    snap = predict_generation_peak(cfg, 512 * 1024, 2048 + 256, 1, 2, 8192, window=32, device_type="cuda")
+    full = predict_generation_peak(cfg, 512 * 1024, 512 * 1024 + 256, 1, 2, 8192, device_type="cuda")
+    on_cpu = predict_generation_peak(cfg, 512 * 1024, 2048 + 256, 1, 2, 8192, window=32, device_type="cpu")
+    assert on_cpu.parts["attention mask"] == 8192 * 512 * 1024 * 9 and snap.parts["attention mask"] == 0
     assert snap.parts["KV cache"] == (2048 + 256) * 32 * 2 * 8 * 128 * 2
     assert full.parts["KV cache"] == (512 * 1024 + 256) * 65536 * 2  # 64 GiB: the full cache alone
     assert snap.total < 16 * 2**30 < full.total
