@@ -30,7 +30,7 @@ def run_one(length: int, policy: str, budget: int, chunk: int, device: str, shap
 
     snapkv = SnapKVConfig(budget=budget, window=16) if policy == "snapkv" else None
     if shape != "smollm2":
-        raise SystemExit("random-weight shapes run through benchmarks.decode's builder; see README")
+        return run_one_random(length, snapkv, chunk, torch.device(device), shape)
     llm = LLM(MODEL, device=device, snapkv=snapkv, allow_longer_context=True, prefill_chunk_size=chunk)
     words = (ROOT / "examples" / "long_prompt.txt").read_text()
     base = llm.tokenizer.encode(words)
@@ -43,16 +43,48 @@ def run_one(length: int, policy: str, budget: int, chunk: int, device: str, shap
                 predicted=s["predicted_peak_bytes"], kv_bytes=s["kv_bytes"])
 
 
-def longest_fits(free_bytes: int, budget: int | None, chunk: int) -> int:
+def run_one_random(length: int, snapkv, chunk: int, device: torch.device, shape: str) -> dict:
+    """A random-weight shape (e.g. the 8B Llama-3 shape on a GPU): the engine's own prefill path — cache views,
+    chunked layer-major forward, SnapKV selection into the static cache — on random token ids."""
+    import time
+
+    from benchmarks.decode import build_model
+    from engine.cache_views import PrefillView
+    from engine.kv_cache import KVCache
+    from engine.memory_model import PeakMeter, predict_generation_peak
+    from snapkv.policies import make_policy
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = build_model(shape, device, dtype)
+    cfg, policy = model.config, make_policy(snapkv)
+    capacity = policy.kept_length(length) + 64
+    e = torch.empty((), dtype=dtype).element_size()
+    predicted = predict_generation_peak(cfg, length, capacity, 1, e, chunk, policy.queries_needed, device.type)
+    ids = torch.randint(0, cfg.vocab_size, (1, length), device=device)
+    with torch.inference_mode(), PeakMeter(device) as meter:
+        cache = KVCache(cfg.num_layers, 1, cfg.num_kv_heads, capacity, cfg.head_dim, dtype, device)
+        start = time.perf_counter()
+        model(ids, ctx=PrefillView(cache, 0, policy, cfg.sliding_window), last_only=True, chunk_size=chunk)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        prefill_s = time.perf_counter() - start
+    return dict(length=length, policy="snapkv" if snapkv else "full", prefill_s=prefill_s, measured=meter.peak,
+                predicted=predicted.total, kv_bytes=policy.kept_length(length) * cfg.kv_bytes_per_token * e)
+
+
+def longest_fits(free_bytes: int, budget: int | None, chunk: int, device: str, shape: str) -> int:
+    from benchmarks.decode import SHAPES
     from engine.memory_model import longest_prompt_that_fits
+    from models.config import ModelConfig
     from models.loader import load_config
 
-    cfg = load_config(MODEL)
-    return longest_prompt_that_fits(cfg, free_bytes, lambda t: (min(t, budget) if budget else t) + 64, 1, 4, chunk,
-                                    window=16 if budget else 0)
+    cfg = load_config(MODEL) if shape == "smollm2" else ModelConfig(**SHAPES[shape])
+    e = 4 if device == "cpu" else 2
+    return longest_prompt_that_fits(cfg, free_bytes, lambda t: (min(t, budget) if budget else t) + 64, 1, e, chunk,
+                                    window=16 if budget else 0, device_type=device)
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -70,7 +102,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle("SmolLM2-135M, float32, CPU: chunked layer-major prefill")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -106,15 +138,17 @@ def main() -> None:
     from engine.kv_cache import available_memory_bytes
 
     free = available_memory_bytes(torch.device(args.device))
-    fits_full, fits_snap = longest_fits(free, None, args.chunk), longest_fits(free, args.budget, args.chunk)
+    fits_full = longest_fits(free, None, args.chunk, args.device, args.shape)
+    fits_snap = longest_fits(free, args.budget, args.chunk, args.device, args.shape)
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
     name = f"long_context_{args.device}"
-    plot(rows, out / f"{name}.png")
+    label = "SmolLM2-135M-Instruct, float32" if args.shape == "smollm2" else f"{args.shape} (random weights)"
+    plot(rows, out / f"{name}.png", f"{label}, {args.device}: chunked layer-major prefill")
     lines = [
-        "# Long-context prefill: SmolLM2-135M-Instruct, float32, " + args.device, "",
+        f"# Long-context prefill: {label}, {args.device}", "",
         f"Command: `.venv/bin/python -m benchmarks.long_context --lengths {args.lengths} --budget {args.budget} "
-        f"--chunk {args.chunk}`. Layer-major chunked prefill, chunk {args.chunk}; SnapKV budget {args.budget}, "
+        f"--chunk {args.chunk} --device {args.device} --shape {args.shape}`. Layer-major chunked prefill, chunk {args.chunk}; SnapKV budget {args.budget}, "
         "window 16; one fresh process per row; peak = resident-set high-water mark growth during the call.", "",
         "| prompt tokens | policy | prefill s | prefill tok/s | KV cache kept | measured peak | predicted peak |",
         "|---:|---|---:|---:|---:|---:|---:|",
