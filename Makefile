@@ -29,7 +29,7 @@ $(GGUF):
 	rm -rf weights/.download
 
 $(WEIGHTS)/model.safetensors: $(GGUF) | install
-	$(PY) -m models.convert $(GGUF) $(WEIGHTS)
+	$(PY) -m convert_gguf $(GGUF) $(WEIGHTS)
 
 demo: install weights
 	$(VENV)/bin/snapkv-run --model $(WEIGHTS) --prompt examples/long_prompt.txt --max-new-tokens 48 --stats

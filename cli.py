@@ -9,6 +9,7 @@ Any mistake a user can make ends in one line on stderr and exit code 2, never a 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from enum import Enum
 from pathlib import Path
@@ -16,37 +17,25 @@ from typing import Optional
 
 import typer
 
+from engine.llm import DEVICES, DTYPES
+from snapkv.config import CHOICES, HELP, SnapKVConfig
+
 DEFAULT_MODEL = Path(__file__).resolve().parent / "weights" / "SmolLM2-135M-Instruct"
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
                   help="Generate with a SnapKV-compressed KV cache (Llama/Mistral; HF directory or .gguf).")
 
 
-class Pooling(str, Enum):
-    max = "max"
-    avg = "avg"
+def choices(name: str, values) -> type[Enum]:
+    """A typer choice type from a tuple of strings (the library's own list, so the two never disagree)."""
+    return Enum(name, {v: v for v in values}, type=str)
 
 
-class GroupAgg(str, Enum):
-    mean = "mean"
-    max = "max"
-
-
-class Policy(str, Enum):
-    snapkv = "snapkv"
-    streaming = "streaming"
-    full = "full"
-
-
-class Device(str, Enum):
-    cpu = "cpu"
-    cuda = "cuda"
-
-
-class DType(str, Enum):
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
+Pooling, GroupAgg, Policy = (choices(n, CHOICES[k]) for n, k in (("Pooling", "pooling"), ("GroupAgg", "group_agg"),
+                                                                  ("Policy", "policy")))
+Device = choices("Device", DEVICES)
+DType = choices("DType", DTYPES)
+SNAPKV = SnapKVConfig()  # the defaults of every SnapKV flag
 
 
 class UserError(Exception):
@@ -126,11 +115,24 @@ def read_prompt(prompt: str) -> str:
     return text
 
 
-@app.command()
+def check_output_path(path: Path, flag: str) -> Path:
+    """Fail before any work if `flag`'s file cannot be written: the page goes to PATH (.html added if missing)."""
+    target = path if path.suffix.lower() in (".html", ".htm") else path.with_suffix(".html")
+    if path.is_dir() or target.is_dir():
+        raise UserError(f"{flag} {path}: is a directory; give a file name such as view.html")
+    parent = target.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise UserError(f"{flag} {path}: cannot write there ({parent} is not a writable directory)")
+    return target
+
+
+@app.command(help="Generate an answer for the prompt in the --prompt file (or stdin).")
 def run(
     prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt file (UTF-8 text); '-' reads stdin."),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="HF-style model directory or .gguf file "
-                                         "[default: weights/SmolLM2-135M-Instruct]"),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="HF-style model directory or .gguf file.",
+                                         show_default="weights/SmolLM2-135M-Instruct"),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n", help="Most tokens to generate."),
     temperature: float = typer.Option(0.0, help="0 = greedy."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (1 = off)."),
@@ -138,24 +140,22 @@ def run(
     seed: Optional[int] = typer.Option(None, help="Seed for sampling (reproducible output)."),
     stop: Optional[list[str]] = typer.Option(None, "--stop", help="Stop string (repeatable)."),
     chat: bool = typer.Option(True, "--chat/--no-chat", help="Wrap the prompt in the model's chat template."),
-    budget: int = typer.Option(1024, help="SnapKV: entries kept per layer and kv head, window included."),
+    budget: int = typer.Option(SNAPKV.budget, help=HELP["budget"]),
     no_snapkv: bool = typer.Option(False, "--no-snapkv", help="Keep the full KV cache."),
-    window: int = typer.Option(16, help="SnapKV observation window (last prompt tokens that vote); 16 measured "
-                               "best on SmolLM2 (benchmarks/results/quality.md)."),
-    kernel: int = typer.Option(15, help="SnapKV pooling kernel (odd); wide so a needle's neighbours survive."),
-    pooling: Pooling = typer.Option(Pooling.max, help="SnapKV vote pooling."),
-    group_agg: GroupAgg = typer.Option(GroupAgg.max, "--group-agg", help="SnapKV: how the query heads of one "
-                                       "kv group combine their votes (max: a position any head wants is kept)."),
-    policy: Policy = typer.Option(Policy.snapkv, help="Selection policy (snapkv, streaming, full)."),
-    device: Device = typer.Option(Device.cpu, help="cpu or cuda."),
-    dtype: DType = typer.Option(DType.float32, help="Weights and KV-cache dtype."),
+    window: int = typer.Option(SNAPKV.window, help=HELP["window"]),
+    kernel: int = typer.Option(SNAPKV.kernel, help=HELP["kernel"]),
+    pooling: Pooling = typer.Option(SNAPKV.pooling, help=HELP["pooling"]),
+    group_agg: GroupAgg = typer.Option(SNAPKV.group_agg, "--group-agg", help=HELP["group_agg"]),
+    policy: Policy = typer.Option(SNAPKV.policy, help=HELP["policy"]),
+    device: Device = typer.Option("cpu", help="Where to run."),
+    dtype: DType = typer.Option("float32", help="Weights and KV-cache dtype."),
     cuda_graph: bool = typer.Option(True, "--cuda-graph/--no-cuda-graph", help="On CUDA, replay the decode step "
-                                    "as a captured CUDA graph (--no-cuda-graph: eager)."),
-    compile_step: bool = typer.Option(False, "--compile", help="Run the decode step through torch.compile "
-                                      "(slow start; see benchmarks/results/decode_steps_cpu*.md for when it pays)."),
-    prefill_chunk: Optional[int] = typer.Option(None, "--prefill-chunk", help="Prefill prompts longer than this "
-                                                "layer by layer in chunks of this many tokens (bounds prefill "
-                                                "memory) [default: 4096 on cuda, 512 on cpu]"),
+                                    "as captured CUDA graphs (--no-cuda-graph: eager)."),
+    compile_step: bool = typer.Option(False, "--compile", help="Run the decode step through torch.compile (a slow "
+                                      "start; with CUDA graphs on, the compiled step is what gets captured)."),
+    prefill_chunk: Optional[int] = typer.Option(None, "--prefill-chunk", help="Prefill the prompt layer by layer "
+                                                "in chunks of this many tokens (bounds prefill memory).",
+                                                show_default="4096 on cuda, 512 on cpu"),
     allow_longer_context: bool = typer.Option(False, "--allow-longer-context", help="Accept prompts longer "
                                               "than the model's max_position_embeddings."),
     stats: bool = typer.Option(False, "--stats", help="Print token counts, KV bytes, speeds and memory to stderr."),
@@ -163,30 +163,34 @@ def run(
     show_kept: Optional[Path] = typer.Option(None, "--show-kept", help="Write an HTML page (and a .png heatmap "
                                              "beside it) showing which prompt tokens SnapKV kept."),
 ):
-    """Generate an answer for the prompt in FILE."""
     from engine import LLM, SamplingParams
-    from snapkv import SnapKVConfig
 
     model_path = model or DEFAULT_MODEL
     if not model_path.exists():
         hint = " (run `make weights` to fetch the default model)" if model is None else ""
         raise UserError(f"model not found: {model_path}{hint}")
+    if show_kept is not None:
+        check_output_path(show_kept, "--show-kept")
     text = read_prompt(prompt)
     params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                             seed=seed, stop=list(stop or []))
-    snapkv = None if no_snapkv else SnapKVConfig(budget=budget, window=window, kernel=kernel,
-                                                 pooling=pooling.value, group_agg=group_agg.value,
-                                                 policy=policy.value)
+    snapkv = None if no_snapkv else SnapKVConfig(budget=budget, window=window, kernel=kernel, pooling=pooling.value,
+                                                 group_agg=group_agg.value, policy=policy.value)
+    # one request: a slot sized for it (the full cache takes the model's length, bounded by memory)
+    max_kv_len = snapkv.budget + max_new_tokens if snapkv is not None and snapkv.policy != "full" else None
     with ProgressDisplay(enabled=not as_json) as display:
         display.stage(f"loading {model_path.name}")
-        llm = LLM(model_path, device=device.value, dtype=dtype.value, snapkv=snapkv, cuda_graph=cuda_graph,
-                  compile=compile_step, prefill_chunk_size=prefill_chunk, allow_longer_context=allow_longer_context)
+        llm = LLM(model_path, device=device.value, dtype=dtype.value, snapkv=snapkv, max_batch_size=1,
+                  max_kv_len=max_kv_len, cuda_graph=cuda_graph, compile=compile_step,
+                  prefill_chunk_size=prefill_chunk, allow_longer_context=allow_longer_context)
         if chat and llm.tokenizer.chat_template is None:
             chat = False
             display.note("the model has no chat template; sending the prompt as plain text")
         if show_kept is not None or as_json:
             out = llm.generate(text, params, chat=chat, return_kept=show_kept is not None,
                                progress=display.progress)[0]
+            if out.error:
+                raise UserError(out.error)
         else:
             results: list = []
             for delta in llm.stream(text, params, chat=chat, progress=display.progress, result=results):
@@ -202,9 +206,12 @@ def run(
             sys.stdout.write(out.text)
         sys.stdout.write("\n")
     if show_kept is not None:
-        from snapkv.kept_view import write_kept_report
+        from kept_view import write_kept_report
 
-        html, png = write_kept_report(show_kept, llm.tokenizer, out.prompt_token_ids, out.kept)
+        try:
+            html, png = write_kept_report(show_kept, llm.tokenizer, out.prompt_token_ids, out.kept)
+        except OSError as e:
+            raise UserError(f"--show-kept {show_kept}: cannot write the page ({e.strerror})") from None
         print(f"kept-token view: {html} and {png}", file=sys.stderr)
     if stats and not as_json:
         sys.stdout.flush()  # the answer first, then the figures
@@ -213,7 +220,7 @@ def run(
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
     except typer.Exit as e:
         return e.exit_code
     except typer.Abort:
@@ -227,9 +234,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        code = 130
+    if code == 130:  # typer turns Ctrl-C into a return value of 130 when not in standalone mode
         print("error: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

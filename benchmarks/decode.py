@@ -17,11 +17,11 @@ import argparse
 import statistics
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
-from engine.decode_step import CompiledStep, CUDAGraphStep, DecodeStep
-from engine.kv_cache import KVCache
+from engine.model_runner import ModelRunner
 from models.config import ModelConfig
 from models.llama import LlamaForCausalLM, RotaryEmbedding
 from models.loader import load_model
@@ -83,33 +83,31 @@ def copy_bandwidth(device: torch.device) -> float:
 
 
 def engine_step_ms(model, batch: int, entries: int, steps: int, mode: str) -> float:
-    """Median ms of one static decode step with `entries` cache entries per sequence (random K/V)."""
-    cfg, device = model.config, model.lm_head.weight.device
-    dtype = model.lm_head.weight.dtype
-    cache = KVCache(cfg.num_layers, batch, cfg.num_kv_heads, entries + steps + 8, cfg.head_dim, dtype, device)
-    step = DecodeStep(model, cache)
-    runner = CUDAGraphStep(step) if mode == "graph" else CompiledStep(step) if mode == "compile" else step
-    cache.k.normal_()
-    cache.v.normal_()
+    """Median ms of one engine decode step (greedy sampling and the host read of the tokens included) with
+    `entries` cache entries per sequence (random K/V), through the engine's own ModelRunner."""
+    runner = ModelRunner(model, batch, entries + steps + 8, 4096, cuda_graph=mode == "graph",
+                         compile=mode == "compile")
+    runner.cache.k.normal_()
+    runner.cache.v.normal_()
+    live = [SimpleNamespace(slot=s, cache_entries=entries, sampling_mode="greedy") for s in range(batch)]
 
     def reset():
-        cache.lengths.fill_(entries)
-        step.positions.fill_(entries)
-        step.active.fill_(1)
+        runner.cache.lengths.fill_(entries)
+        runner.inputs.positions.fill_(entries)
+        runner.inputs.active.fill_(1)
+        for seq in live:
+            seq.cache_entries = entries
 
     reset()
-    with torch.inference_mode():
-        for _ in range(3):
-            runner()
-        reset()
-        times = []
-        for _ in range(steps):
-            sync(device)
-            start = time.perf_counter()
-            logits = runner()
-            step.tokens.copy_(logits.argmax(-1))  # as the engine does: the next input depends on this output
-            sync(device)
-            times.append(time.perf_counter() - start)
+    for _ in range(3):
+        runner.decode(live)
+    reset()
+    times = []
+    for _ in range(steps):
+        sync(model.lm_head.weight.device)
+        start = time.perf_counter()
+        runner.decode(live)  # ends in the one device-to-host read of the sampled tokens
+        times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times)
 
 
@@ -196,7 +194,7 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     model = build_model(args.shape, device, dtype)
     cfg = model.config
-    entry_bytes = cfg.kv_bytes_per_token * torch.empty((), dtype=dtype).element_size()
+    entry_bytes = cfg.kv_bytes_per_token(torch.empty((), dtype=dtype).element_size())
     weights = weight_bytes(model)
     bandwidth = copy_bandwidth(device)
     hf = None if args.no_hf else hf_model_for(args.shape, model, device, dtype)

@@ -64,12 +64,12 @@ def run_one_random(length: int, snapkv, chunk: int, device: torch.device, shape:
     with torch.inference_mode(), PeakMeter(device) as meter:
         cache = KVCache(cfg.num_layers, 1, cfg.num_kv_heads, capacity, cfg.head_dim, dtype, device)
         start = time.perf_counter()
-        model(ids, ctx=PrefillView(cache, 0, policy, cfg.sliding_window), last_only=True, chunk_size=chunk)
+        model(ids, ctx=PrefillView(cache, 0, policy), last_only=True, chunk_size=chunk)
         if device.type == "cuda":
             torch.cuda.synchronize()
         prefill_s = time.perf_counter() - start
     return dict(length=length, policy="snapkv" if snapkv else "full", prefill_s=prefill_s, measured=meter.peak,
-                predicted=predicted.total, kv_bytes=policy.kept_length(length) * cfg.kv_bytes_per_token * e)
+                predicted=predicted.total, kv_bytes=policy.kept_length(length) * cfg.kv_bytes_per_token(e))
 
 
 def longest_fits(free_bytes: int, budget: int | None, chunk: int, device: str, shape: str) -> int:
@@ -80,8 +80,11 @@ def longest_fits(free_bytes: int, budget: int | None, chunk: int, device: str, s
 
     cfg = load_config(MODEL) if shape == "smollm2" else ModelConfig(**SHAPES[shape])
     e = 4 if device == "cpu" else 2
-    return longest_prompt_that_fits(cfg, free_bytes, lambda t: (min(t, budget) if budget else t) + 64, 1, e, chunk,
-                                    window=16 if budget else 0, device_type=device)
+    def cache_bytes(t):  # one slot of kept entries + 64 new tokens
+        return ((min(t, budget) if budget else t) + 64) * cfg.kv_bytes_per_token(e)
+
+    return longest_prompt_that_fits(cfg, free_bytes, e, chunk, window=16 if budget else 0, device_type=device,
+                                    cache_bytes_for=cache_bytes)
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:

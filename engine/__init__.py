@@ -1,8 +1,10 @@
-"""The runtime: LLM (public API), SamplingParams, sampling, the generate loop, the static KV cache, the decode
-step, the tokenizer and chat template."""
+"""The runtime, split as nano-vllm splits it: LLM (the public facade), Sequence (one request's state), Scheduler
+(waiting queue -> free cache slots), ModelRunner (model + static KV cache + decode step and its graphs), sampling
+inside the step, incremental detokenization, the tokenizer and chat template."""
 
 from engine.kv_cache import KVCache, KVCacheTooLarge
-from engine.llm import LLM, RequestOutput
+from engine.llm import LLM
 from engine.sampling_params import SamplingParams
+from engine.sequence import RequestOutput
 
 __all__ = ["LLM", "RequestOutput", "SamplingParams", "KVCache", "KVCacheTooLarge"]

@@ -1,33 +1,32 @@
 """The two cache views the model's attention talks to (models.llama.AttentionContext).
 
-PrefillView: one sequence's full-length attention, then — right there, inside that layer — the selection policy
-(SnapKV or another) picks the entries to keep and only those are written to the static cache. So the full-length
-K/V of one layer exist at a time, never of all layers.
-DecodeView: one new token per batch slot, appended in place at each slot's length; attention over the whole
-static buffer with a validity mask, so every shape is fixed and the step can be captured/compiled.
+PrefillView: one prompt into one slot. The model hands each layer's full-length K/V and its last queries to
+`store`; right there, inside that layer, the selection policy (SnapKV or another) picks the entries to keep and
+only those are written to the static cache. So the full-length K/V of one layer exist at a time, never of all
+layers. `store` runs once per layer, which is also where prefill progress comes from.
+DecodeView: one new token per batch slot, appended in place at each slot's length; attention over the first
+`span` entries of the static buffer with a validity mask. In a captured or compiled step `span` is the capacity,
+so every shape is fixed; eager decoding narrows it to what the live slots hold.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from engine.kv_cache import KVCache
-from models.attention import decode_attention, decode_backend, prefill_attention
+from models.attention import decode_attention, decode_backend
 from snapkv.policies import SelectionPolicy
 
 
 class PrefillView:
-    def __init__(self, cache: KVCache, slot: int, policy: SelectionPolicy, sliding_window: int | None,
-                 record_kept: bool = False):
-        self.cache, self.slot, self.policy, self.sliding_window = cache, slot, policy, sliding_window
+    def __init__(self, cache: KVCache, slot: int, policy: SelectionPolicy, record_kept: bool = False,
+                 progress: Callable[[int, int], None] | None = None):
+        self.cache, self.slot, self.policy, self.progress = cache, slot, policy, progress
         self.kept: list[torch.Tensor] | None = [] if record_kept else None  # per layer: [kv_heads, n] positions
         self.kept_length = 0
-        self.tail_queries = policy.queries_needed  # what a chunked prefill must hand to `store`
-
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        out = prefill_attention(q, k, v, self.sliding_window)
-        self.store(layer, q, k, v)
-        return out
+        self.tail_queries = policy.queries_needed
 
     def store(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Select this layer's entries to keep (q: at least the last `tail_queries` queries) and write them."""
@@ -43,17 +42,20 @@ class PrefillView:
         self.kept_length = keep.shape[1]
         if self.kept is not None:
             self.kept.append(keep.cpu())
+        if self.progress is not None:
+            self.progress(layer + 1, self.cache.shape[0])
 
 
 class DecodeView:
     def __init__(self, cache: KVCache, positions: torch.Tensor, sliding_window: int | None):
         self.cache, self.positions, self.sliding_window = cache, positions, sliding_window
+        self.span = cache.capacity  # entries attention looks at; the step sets it before each forward
         self.backend = decode_backend(cache.device, needs_position_mask=sliding_window is not None)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        cache = self.cache
+        cache, span = self.cache, self.span
         cache.append(layer, k, v, self.positions)
         if self.backend == "flash":  # entries 0..lengths[b] are valid, the one just appended included
             return decode_attention(q, cache.k[layer], cache.v[layer], None, cache.lengths + 1, "flash")
-        valid = cache.valid(layer, self.positions, self.sliding_window)
-        return decode_attention(q, cache.k[layer], cache.v[layer], valid)
+        valid = cache.valid(layer, self.positions, self.sliding_window, span)
+        return decode_attention(q, cache.k[layer, :, :, :span], cache.v[layer, :, :, :span], valid)

@@ -1,11 +1,13 @@
-"""The static decode step: one token for every batch slot, from persistent buffers into the static cache, and
-the two ways to make it fast — a CUDA graph (captured once per batch bucket and cache shape, then replayed) and,
-on CPU, `torch.compile(fullgraph=True)`.
+"""The static decode step: one token for every slot of a batch bucket — forward, sampling and book-keeping all on
+the device — and the two ways to make it fast: a CUDA graph (captured once per bucket and sampling mode at the
+engine's fixed capacity, all graphs sharing one memory pool) and `torch.compile(fullgraph=True)`.
 
-Inputs live in fixed buffers (tokens, positions, active flags); the step appends K/V at each slot's length,
-attends over the whole preallocated cache with a mask, and advances lengths and positions on the device. No
-shape depends on the step or the data and nothing reads back to the host, so the same call can be compiled or
-captured and replayed: the host only writes the next tokens into `tokens` and reads `logits`.
+Inputs live in persistent per-slot buffers (`StepInputs`): the current token, its position, whether the slot is
+live, and the slot's sampling settings. A step for bucket b runs on the first b slots (views, no copies): it
+appends K/V at each slot's length, attends over the cache, samples the next token inside the step (greedy,
+temperature, or temperature with top-k/top-p: three variants, so that a greedy batch pays for no sort), writes it
+back as the next input and advances lengths and positions of live slots. No shape depends on the data and
+nothing reads back to the host; the host reads the `[b]` sampled tokens, once per step.
 """
 
 from __future__ import annotations
@@ -14,75 +16,92 @@ import torch
 
 from engine.cache_views import DecodeView
 from engine.kv_cache import KVCache
+from engine.sampler import filtered_sample_tokens, greedy_tokens, sample_tokens
+
+MODES = ("greedy", "sample", "filtered")  # from cheapest to most general
+
+
+class StepInputs:
+    """Per-slot input buffers of the decode step; `prefix(b)` views the first b slots."""
+
+    FIELDS = {"tokens": torch.long, "positions": torch.long, "active": torch.long, "temperature": torch.float32,
+              "top_k": torch.long, "top_p": torch.float32, "seed": torch.long, "index": torch.long}
+
+    def __init__(self, slots: int, device: torch.device):
+        for name, dtype in self.FIELDS.items():
+            setattr(self, name, torch.zeros(slots, dtype=dtype, device=device))
+
+    def prefix(self, batch: int) -> "StepInputs":
+        view = object.__new__(StepInputs)
+        for name in self.FIELDS:
+            setattr(view, name, getattr(self, name)[:batch])
+        return view
 
 
 class DecodeStep:
-    def __init__(self, model: torch.nn.Module, cache: KVCache):
-        batch = cache.shape[1]
-        device = cache.device
-        self.model, self.cache = model, cache
-        self.tokens = torch.zeros(batch, dtype=torch.long, device=device)
-        self.positions = torch.zeros(batch, dtype=torch.long, device=device)
-        self.active = torch.zeros(batch, dtype=torch.long, device=device)
-        self.view = DecodeView(cache, self.positions, model.config.sliding_window)
+    """The step for one batch bucket (the first `batch` slots). Its three methods are the sampling modes: each
+    is its own function, so each compiles (or is captured) on its own."""
 
-    def __call__(self) -> torch.Tensor:
-        """Logits [batch, vocab] for the tokens in `self.tokens`; then lengths/positions of live slots move on."""
-        logits = self.model(self.tokens[:, None], self.positions[:, None], self.view)[:, 0]
-        self.cache.advance(self.active)
-        self.positions.add_(self.active)
-        return logits
+    def __init__(self, model: torch.nn.Module, cache: KVCache, inputs: StepInputs, batch: int):
+        self.model, self.batch = model, batch
+        self.cache, self.inputs = cache.prefix(batch), inputs.prefix(batch)
+        self.view = DecodeView(self.cache, self.inputs.positions, model.config.sliding_window)
 
-    def reset(self) -> None:
-        """Empty every slot, so a new batch can reuse the buffers (and any graph captured on them)."""
-        for t in (self.tokens, self.positions, self.active, self.cache.lengths):
-            t.zero_()
+    def _logits(self, span: int) -> torch.Tensor:
+        self.view.span = span
+        return self.model.decode(self.inputs.tokens, self.inputs.positions, self.view).float()
 
+    def _advance(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.inputs
+        x.tokens.copy_(tokens)  # the next step's input, without a trip through the host
+        self.cache.advance(x.active)
+        x.positions.add_(x.active)
+        x.index.add_(x.active)
+        return x.tokens
 
-class CompiledStep:
-    """CPU (or CUDA without graphs): the same step through torch.compile; fullgraph, so any graph break is an error."""
+    def greedy(self, span: int) -> torch.Tensor:
+        return self._advance(greedy_tokens(self._logits(span)))
 
-    def __init__(self, step: DecodeStep):
-        self.step = step
-        self.compiled = torch.compile(step.__call__, fullgraph=True, dynamic=False)
+    def sample(self, span: int) -> torch.Tensor:
+        x = self.inputs
+        return self._advance(sample_tokens(self._logits(span), x.temperature, x.seed, x.index))
 
-    def __call__(self) -> torch.Tensor:
-        return self.compiled()
-
-    def reset(self) -> None:
-        self.step.reset()
+    def filtered(self, span: int) -> torch.Tensor:
+        x = self.inputs
+        return self._advance(filtered_sample_tokens(self._logits(span), x.temperature, x.top_k, x.top_p, x.seed,
+                                                    x.index))
 
 
-class CUDAGraphStep:
-    """Capture the step as a CUDA graph and replay it. Capture happens on an empty cache (every slot inactive, so
-    warm-up runs write only slot entries that prefill overwrites and advance nothing), before any prefill."""
+def graph_capture_supported(device: torch.device) -> bool:
+    return device.type == "cuda"
 
-    def __init__(self, step: DecodeStep, warmup: int = 2):
-        self.step = step
-        step.reset()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up off the default stream, as torch.cuda.graphs requires
-            for _ in range(warmup):
-                step()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = step()
-        step.reset()
 
-    def __call__(self) -> torch.Tensor:
+def capture_graph(fn, pool, warmup: int = 2):
+    """Warm `fn` up on a side stream (as torch.cuda.graphs requires), then capture it into `pool`; returns the
+    graph and the output tensor that every replay refreshes."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    return graph, out
+
+
+def new_graph_pool():
+    return torch.cuda.graph_pool_handle()
+
+
+class GraphedStep:
+    """One captured (bucket, mode) step at the full capacity span. Capture runs on an empty cache (every slot
+    inactive, so the warm-up writes only entries that a prefill overwrites and advances nothing)."""
+
+    def __init__(self, fn, capacity: int, pool):
+        self.graph, self.out = capture_graph(lambda: fn(capacity), pool)
+
+    def __call__(self, span: int) -> torch.Tensor:
         self.graph.replay()
-        return self.logits
-
-    def reset(self) -> None:
-        self.step.reset()
-
-
-def batch_bucket(n: int, max_batch_size: int) -> int:
-    """Batch slots for n sequences: the next power of two (1, 2, 4, 8, ...), capped at max_batch_size, so a few
-    captured graphs / compiled shapes serve every batch size."""
-    bucket = 1
-    while bucket < n:
-        bucket *= 2
-    return min(bucket, max(max_batch_size, n))
+        return self.out

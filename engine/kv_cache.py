@@ -1,8 +1,9 @@
 """KVCache: the static, preallocated key/value store that prefill fills and decode appends to.
 
-One buffer each for K and V, `[layers, batch, kv_heads, capacity, head_dim]`, plus `lengths[batch]`, the number of
-entries each sequence holds (the same in every layer and kv head: SnapKV keeps `budget` entries everywhere). Shapes
-never change after allocation, which is what lets the decode step be captured as a CUDA graph. Entries of a
+One buffer each for K and V, `[layers, slots, kv_heads, capacity, head_dim]`, plus `lengths[slots]`, the number of
+entries each slot holds (the same in every layer and kv head: SnapKV keeps `budget` entries everywhere). Shapes
+never change after allocation, which is what lets the decode step be captured as a CUDA graph; `prefix(b)` is a
+view of the first b slots (the same memory), which is what a decode step for a batch bucket of b runs on. Entries of a
 sequence need not be contiguous positions: after SnapKV they are the kept prompt positions, post-RoPE; `positions`
 records each entry's original position when the model has a sliding window and needs it. The size is checked
 against free memory before anything is allocated.
@@ -39,41 +40,46 @@ def format_bytes(n: float) -> str:
 
 
 class KVCache:
-    def __init__(self, num_layers: int, batch: int, num_kv_heads: int, capacity: int, head_dim: int,
+    def __init__(self, num_layers: int, slots: int, num_kv_heads: int, capacity: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                  track_positions: bool = False):
         device = torch.device(device)
-        shape = (num_layers, batch, num_kv_heads, capacity, head_dim)
+        shape = (num_layers, slots, num_kv_heads, capacity, head_dim)
         itemsize = torch.empty((), dtype=dtype).element_size()
-        needed = 2 * num_layers * batch * num_kv_heads * capacity * head_dim * itemsize
+        needed = 2 * num_layers * slots * num_kv_heads * capacity * head_dim * itemsize
         if track_positions:
-            needed += num_layers * batch * num_kv_heads * capacity * 4
+            needed += num_layers * slots * num_kv_heads * capacity * 4
         free = available_memory_bytes(device)
         if needed > free:
-            per_entry = needed / max(batch * capacity, 1)
+            per_entry = needed / max(slots * capacity, 1)
             fits = int(free // per_entry) if per_entry else 0
             raise KVCacheTooLarge(
-                f"the KV cache needs {format_bytes(needed)} ({batch} sequence(s) x {capacity} entries x "
+                f"the KV cache needs {format_bytes(needed)} ({slots} slot(s) x {capacity} entries x "
                 f"{num_layers} layers) but only {format_bytes(free)} is free on {device}; about {fits} entries "
-                "in total would fit: use a shorter prompt or fewer new tokens, a smaller batch, or a SnapKV budget")
+                "in total would fit: lower max_kv_len, max_batch_size or the SnapKV budget")
         self.shape, self.dtype, self.device = shape, dtype, device
         self.capacity = capacity
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
         self.positions = (torch.zeros(shape[:-1], dtype=torch.int32, device=device) if track_positions else None)
-        self.slot_index = torch.arange(batch, device=device)
+        self.slot_index = torch.arange(slots, device=device)
         self.entry_index = torch.arange(capacity, device=device)
+
+    def prefix(self, batch: int) -> "KVCache":
+        """The first `batch` slots as a cache of their own: views of the same buffers, no copy."""
+        view = object.__new__(KVCache)
+        view.__dict__.update(self.__dict__)
+        view.shape = (self.shape[0], batch, *self.shape[2:])
+        view.k, view.v, view.lengths = self.k[:, :batch], self.v[:, :batch], self.lengths[:batch]
+        view.positions = self.positions[:, :batch] if self.positions is not None else None
+        view.slot_index = self.slot_index[:batch]
+        return view
 
     @property
     def nbytes(self) -> int:
         extra = self.positions.nbytes if self.positions is not None else 0
         return self.k.nbytes + self.v.nbytes + extra
-
-    def bytes_per_entry(self) -> int:
-        """Bytes one kept token costs in one sequence: all layers, K and V, all kv heads."""
-        layers, _, heads, _, dim = self.shape
-        return 2 * layers * heads * dim * self.k.element_size()
 
     def write_prefill(self, layer: int, slot: int, k: torch.Tensor, v: torch.Tensor,
                       positions: torch.Tensor) -> None:
@@ -93,12 +99,12 @@ class KVCache:
         if self.positions is not None:
             self.positions[layer, self.slot_index, :, self.lengths] = positions.to(torch.int32)[:, None]
 
-    def valid(self, layer: int, positions: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
-        """Bool [batch, 1 | kv_heads, capacity]: the entries the current decode queries may attend to
-        (including the one just appended at index lengths[b])."""
-        mask = (self.entry_index[None, :] <= self.lengths[:, None])[:, None]
+    def valid(self, layer: int, positions: torch.Tensor, sliding_window: int | None, span: int) -> torch.Tensor:
+        """Bool [batch, 1 | kv_heads, span]: which of the first `span` entries the current decode queries may
+        attend to (including the one just appended at index lengths[b])."""
+        mask = (self.entry_index[None, :span] <= self.lengths[:, None])[:, None]
         if sliding_window is not None and self.positions is not None:
-            mask = mask & (self.positions[layer] > (positions - sliding_window)[:, None, None])
+            mask = mask & (self.positions[layer, :, :, :span] > (positions - sliding_window)[:, None, None])
         return mask
 
     def advance(self, active: torch.Tensor) -> None:

@@ -1,112 +1,75 @@
-"""LLM: the public face of the engine — load a model, then generate (batched) or stream text.
+"""LLM: the public face of the engine — load a model, then generate, stream, or drive the step loop yourself.
 
     llm = LLM("weights/SmolLM2-135M-Instruct", snapkv=SnapKVConfig(budget=1024))
     outs = llm.generate(["prompt", ...], SamplingParams(max_tokens=64), chat=True)
+    rid = llm.add_request("prompt", SamplingParams(...)); outs = llm.step()   # the server's loop
 
-The loop, top-down: each prompt is prefilled alone (full-length attention; inside every layer the selection
-policy compresses that layer's K/V straight into the static cache), then all sequences of a batch decode together,
-one token per step, from fixed batch slots; finished slots are masked, not removed, so shapes never change.
+A thin facade over the runtime, top-down: a request becomes a `Sequence`; the `Scheduler` queues it and, once a
+cache slot is free, admits it; the `ModelRunner` prefills it into that slot (SnapKV selects inside every layer)
+and then decodes all live slots together, one token per step, sampling on the device; the host reads the step's
+tokens, detokenizes incrementally and decides who is done, freeing their slots for the next waiting request.
+`generate` and `stream` are requests of that same loop, so they may run from several threads at once.
 """
 
 from __future__ import annotations
 
+import itertools
+import operator
+import secrets
+import threading
 import time
-from dataclasses import dataclass, field
+from collections import deque
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 
-from engine.cache_views import PrefillView
-from engine.decode_step import CompiledStep, CUDAGraphStep, DecodeStep, batch_bucket
-from engine.kv_cache import KVCache, available_memory_bytes, format_bytes
-from engine.memory_model import PeakMeter, longest_prompt_that_fits, predict_generation_peak
-from engine.sampler import make_generator, sample_tokens
+from engine.detokenizer import IncrementalDetokenizer
+from engine.kv_cache import available_memory_bytes, format_bytes
+from engine.memory_model import longest_prompt_that_fits, predict_prefill_peak
+from engine.model_runner import ModelRunner
 from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import ProgressFn, RequestOutput, Sequence, Status
 from engine.tokenizer import Tokenizer
 from models.loader import load_config, load_model
 from snapkv.config import SnapKVConfig
 from snapkv.policies import make_policy
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-CAPACITY_MULTIPLE = 64  # cache capacities are rounded up so that calls of similar size reuse one graph/compile
-
-# progress(stage, done, total): stage is "prefill" (done = layers of the current prompt) or "decode" (tokens)
-ProgressFn = Callable[[str, int, int], None]
-
-
-@dataclass
-class RequestOutput:
-    prompt_token_ids: list[int]
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str | None = None  # "stop" (eos or a stop string) or "length"
-    stats: dict = field(default_factory=dict)
-    kept: list[torch.Tensor] | None = None  # with return_kept: per layer, [kv_heads, n] kept prompt positions
-
-
-class _Sequence:
-    """Book-keeping of one request while it generates."""
-
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, device: torch.device):
-        self.params = params
-        self.generator = make_generator(params.seed, device) if not params.greedy else None
-        self.out = RequestOutput(prompt_token_ids=prompt_ids)
-        self.emitted = 0  # characters of text already streamed
-
-    def add_token(self, token: int, tokenizer: Tokenizer, eos_ids: set[int], max_tokens: int) -> None:
-        out = self.out
-        out.token_ids.append(token)
-        out.text = tokenizer.decode(out.token_ids)
-        if token in eos_ids and not self.params.ignore_eos:
-            out.finish_reason = "stop"
-        for s in self.params.stop:
-            cut = out.text.find(s, max(0, self.emitted - len(s)))
-            if cut != -1:
-                out.text, out.finish_reason = out.text[:cut], "stop"
-        if out.finish_reason is None and len(out.token_ids) >= max_tokens:
-            out.finish_reason = "length"
-
-    def new_text(self) -> str:
-        """Text that is safe to show now: not a half-decoded UTF-8 character, not a possible stop-string start."""
-        text = self.out.text
-        end = len(text)
-        if self.out.finish_reason is None:
-            if text.endswith("\ufffd"):
-                return ""
-            for s in self.params.stop:
-                for n in range(min(len(s) - 1, len(text)), 0, -1):
-                    if text.endswith(s[:n]):
-                        end = min(end, len(text) - n)
-                        break
-        delta = text[self.emitted:end]
-        self.emitted = max(self.emitted, end)
-        return delta
+DEVICES = ("cpu", "cuda")
+DEFAULT_NEW_TOKENS = 1024  # with SnapKV, a slot holds budget + this many entries unless max_kv_len says otherwise
+CACHE_MEMORY_SHARE = 0.5  # a default-sized cache takes at most this share of free memory; prefill needs the rest
+ENGINE_POLICY = object()  # add_request(snapkv=...) default: the engine's own SnapKV settings
 
 
 class LLM:
     def __init__(self, model: str | Path, device: str = "cpu", dtype: str | torch.dtype = "float32",
-                 snapkv: SnapKVConfig | None = None, max_batch_size: int = 8, max_model_len: int | None = None,
-                 allow_longer_context: bool = False, cuda_graph: bool = True, compile: bool = False,
-                 prefill_chunk_size: int | None = None):
-        """allow_longer_context: accept prompts past the model's max_position_embeddings (RoPE extrapolates; the
-        config's rope scaling, if any, applies). cuda_graph: on CUDA, decode by replaying a captured graph (False:
-        eager). compile: run the decode step through torch.compile. prefill_chunk_size: prompts longer than this
-        are prefilled layer by layer in chunks of this many queries, which bounds prefill memory (default 4096 on
-        CUDA; 512 on CPU, where SDPA materializes each chunk's causal mask, chunk x prompt length)."""
+                 snapkv: SnapKVConfig | None = None, max_batch_size: int = 8, max_kv_len: int | None = None,
+                 max_model_len: int | None = None, allow_longer_context: bool = False, cuda_graph: bool = True,
+                 compile: bool = False, prefill_chunk_size: int | None = None):
+        """max_batch_size: cache slots, i.e. requests decoded together. max_kv_len: entries a slot holds (default:
+        the SnapKV budget + 1024 new tokens, or the model's length for the full cache; a default never takes more
+        than half the free memory). allow_longer_context: accept prompts past the model's
+        max_position_embeddings (RoPE extrapolates; the config's rope scaling, if any, applies). cuda_graph: on
+        CUDA, decode by replaying captured graphs (False: eager). compile: run the decode step through
+        torch.compile (with cuda_graph on CUDA, the compiled step is what gets captured). prefill_chunk_size:
+        prompts are prefilled layer by layer in chunks of this many queries, which bounds prefill memory (default
+        4096 on CUDA; 512 on CPU, where SDPA materializes each chunk's causal mask, chunk x prompt length)."""
+        if not isinstance(device, (str, torch.device)) or str(device).split(":")[0] not in DEVICES:
+            raise ValueError(f"unsupported device {device!r}; use cpu or cuda")
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' requested but no CUDA GPU is available; use --device cpu")
-        if self.device.type not in ("cpu", "cuda"):
-            raise ValueError(f"unsupported device {device!r}; use cpu or cuda")
         self.dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
         if self.dtype not in DTYPES.values():
             raise ValueError(f"unsupported dtype {dtype!r}; use one of {', '.join(DTYPES)}")
-        if not isinstance(max_batch_size, int) or max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be a positive integer (got {max_batch_size!r})")
-        prefill_chunk_size = prefill_chunk_size or (4096 if self.device.type == "cuda" else 512)
-        if not isinstance(prefill_chunk_size, int) or prefill_chunk_size < 1:
-            raise ValueError(f"prefill_chunk_size must be a positive integer (got {prefill_chunk_size!r})")
+        _check_positive("max_batch_size", max_batch_size)
+        prefill_chunk_size = (4096 if self.device.type == "cuda" else 512) if prefill_chunk_size is None \
+            else prefill_chunk_size
+        _check_positive("prefill_chunk_size", prefill_chunk_size)
+        if max_kv_len is not None:
+            _check_positive("max_kv_len", max_kv_len)
         self.prefill_chunk_size = prefill_chunk_size
         path = Path(model)
         if not path.exists():
@@ -121,18 +84,47 @@ class LLM:
         limit = self.config.max_position_embeddings
         self.max_model_len = (max_model_len or 1 << 31) if allow_longer_context else min(max_model_len or limit, limit)
         self.eos_ids = set(self.tokenizer.eos_token_ids) | set(self.config.eos_token_ids)
-        self.cuda_graph, self.compile = cuda_graph, compile
-        self._decoder: tuple | None = None  # (batch, capacity) -> (step, runner), kept for reuse across calls
+        self.runner = ModelRunner(self.model, max_batch_size, self._capacity(max_kv_len), prefill_chunk_size,
+                                  cuda_graph=cuda_graph, compile=compile)
+        self.max_kv_len = self.runner.capacity
+        self.scheduler = Scheduler(max_batch_size, prefill_chunk_size, self._admission_check)
+        self._lock = threading.RLock()  # one step at a time; generate/stream from other threads join the loop
+        self._ids = itertools.count()
+        self._unclaimed: list[RequestOutput] = []  # outputs of add_request requests produced by others' steps
 
-    # --- input ------------------------------------------------------------------------------------------------
+    def _capacity(self, max_kv_len: int | None) -> int:
+        if max_kv_len is not None:
+            return max_kv_len  # KVCache refuses it, with the numbers, if it does not fit
+        per_entry = self.config.kv_bytes_per_token(self.dtype.itemsize)
+        fits = int(available_memory_bytes(self.device) * CACHE_MEMORY_SHARE) // (self.max_batch_size * per_entry)
+        compressed = self.snapkv is not None and self.snapkv.policy != "full"
+        wanted = self.snapkv.budget + DEFAULT_NEW_TOKENS if compressed else self.max_model_len
+        capacity = min(wanted, self.max_model_len, fits)
+        if capacity < 1:
+            raise ValueError(f"not even one cache entry per slot fits in free memory ({self.max_batch_size} "
+                             "slots); lower max_batch_size")
+        return capacity
+
+    # --- requests ---------------------------------------------------------------------------------------------
 
     def encode_prompt(self, prompt: str, chat: bool) -> list[int]:
+        if not isinstance(prompt, str):
+            raise ValueError(f"a prompt must be a string (got {type(prompt).__name__}); pass token ids as "
+                             "prompt_token_ids")
         if chat:
             text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
             return self.tokenizer.encode(text, add_special_tokens=False)  # the template carries its own bos
         return self.tokenizer.encode(prompt)
 
-    def _check_prompt(self, ids: list[int]) -> None:
+    def _check_prompt(self, ids) -> list[int]:
+        """A list of in-vocabulary token ids that leaves room for at least one new token."""
+        if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
+            raise ValueError(f"prompt token ids must be a list of integers (got {type(ids).__name__})")
+        try:
+            ids = [operator.index(t) for t in ids]
+        except TypeError:
+            raise ValueError("prompt token ids must be integers; pass a list of lists of ints, e.g. "
+                             "prompt_token_ids=[[1, 2, 3]]") from None
         if not ids:
             raise ValueError("the prompt is empty")
         if len(ids) >= self.max_model_len:
@@ -142,170 +134,192 @@ class LLM:
         bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary (size {self.config.vocab_size})")
+        return ids
 
-    # --- generation -------------------------------------------------------------------------------------------
+    def _admission_check(self, seq: Sequence) -> None:
+        """Refuse, before anything runs, a request that can never fit: positions, slot capacity, prefill memory."""
+        n, m = len(seq.prompt_token_ids), seq.params.max_tokens
+        kept, capacity = seq.kept_length, self.runner.capacity
+        if n + m > self.max_model_len:
+            raise ValueError(f"the prompt has {n} tokens and max_tokens is {m}, together past the model's "
+                             f"{self.max_model_len} positions; lower max_tokens (-n) to at most "
+                             f"{self.max_model_len - n} or shorten the prompt")
+        if kept + m > capacity:
+            raise ValueError(f"the request needs {kept + m} cache entries ({n}-token prompt, {kept} kept, max_tokens "
+                             f"{m}) but a slot holds {capacity}; lower max_tokens (-n) to at most {capacity - kept}, "
+                             f"lower the SnapKV budget, or build the engine with max_kv_len >= {kept + m}")
+        window = seq.policy.queries_needed
+        e, chunk, kind = self.dtype.itemsize, self.prefill_chunk_size, self.device.type
+        estimate = predict_prefill_peak(self.config, n, e, chunk, window, kind)
+        free = available_memory_bytes(self.device)
+        if estimate.total > free:
+            fits = longest_prompt_that_fits(self.config, free, e, chunk, window, kind)
+            raise ValueError(
+                f"a {n}-token prompt needs about {format_bytes(estimate.total)} beyond the weights and the cache "
+                f"to prefill ({estimate.describe()}) but {format_bytes(free)} is free on {self.device}; about "
+                f"{fits} tokens would fit: shorten the prompt or lower the prefill chunk size")
+        seq.stats["predicted_peak_bytes"] = estimate.total
+
+    def add_request(self, prompt: str | None = None, sampling_params: SamplingParams | None = None,
+                    chat: bool = False, prompt_token_ids: list[int] | None = None, request_id: str | None = None,
+                    snapkv: SnapKVConfig | None = ENGINE_POLICY, return_kept: bool = False,
+                    progress: ProgressFn | None = None) -> str:
+        """Queue one request (text, or pre-tokenized `prompt_token_ids`) and return its id; `step()` runs it.
+        snapkv: this request's own selection settings (None: full cache); by default the engine's. Raises
+        ValueError, naming the numbers and what to change, for a request that can never fit."""
+        return self._add(prompt, sampling_params, chat, prompt_token_ids, request_id, snapkv, return_kept,
+                         progress, mailbox=None).request_id
+
+    def _add(self, prompt, params, chat, prompt_token_ids, request_id, snapkv, return_kept, progress,
+             mailbox) -> Sequence:
+        if (prompt is None) == (prompt_token_ids is None):
+            raise ValueError("pass exactly one of a prompt or prompt_token_ids")
+        ids = self._check_prompt(self.encode_prompt(prompt, chat) if prompt_token_ids is None else prompt_token_ids)
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be a SamplingParams (got {type(params).__name__})")
+        policy = self.policy if snapkv is ENGINE_POLICY else make_policy(snapkv)
+        with self._lock:
+            rid = str(next(self._ids)) if request_id is None else str(request_id)
+            if self.scheduler.find(rid) is not None:
+                raise ValueError(f"request id {rid!r} is already in use")
+            seed = params.seed if params.seed is not None else secrets.randbits(63)
+            seq = Sequence(rid, ids, params, seed, policy, IncrementalDetokenizer(self.tokenizer, params.stop),
+                           self.eos_ids, return_kept, progress, mailbox)
+            self.scheduler.add(seq)
+        return seq
+
+    def has_unfinished(self) -> bool:
+        with self._lock:
+            return self.scheduler.has_unfinished() or bool(self._unclaimed)
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a waiting or running request; its slot is free for the next one at once. False if unknown."""
+        with self._lock:
+            seq = self.scheduler.find(str(request_id))
+            if seq is None:
+                return False
+            if seq.status is Status.WAITING:
+                self.scheduler.remove_waiting(seq)
+            else:
+                self._retire(seq)
+            seq.finish("abort")
+            return True
+
+    # --- the step loop ----------------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """One engine step: admit and prefill waiting requests into free slots, then decode one token for every
+        live slot. Returns an output for each add_request request that moved (its new text, and finish_reason
+        once done); requests of generate()/stream() are delivered to their callers instead."""
+        with self._lock:
+            outputs, self._unclaimed = self._unclaimed, []
+            self._step()
+            outputs += self._unclaimed
+            self._unclaimed = []
+            return outputs
+
+    def _step(self) -> None:
+        moved: dict[str, Sequence] = {}
+        for seq in self.scheduler.admit():
+            seq.stats["queue_s"] = _since(seq.arrival)
+            seq.append(self.runner.prefill(seq))
+            moved[seq.request_id] = seq
+            if seq.finish_reason:
+                self._retire(seq)
+        live = list(self.scheduler.running.values())
+        if live:
+            tokens = self.runner.decode(live)
+            for seq in live:
+                seq.append(tokens[seq.slot])
+                moved[seq.request_id] = seq
+                if seq.finish_reason:
+                    self._retire(seq)
+        for seq in moved.values():
+            out = seq.output()
+            (seq.mailbox if seq.mailbox is not None else self._unclaimed).append(out)
+
+    def _retire(self, seq: Sequence) -> None:
+        """Free the slot of a finished (or aborted) request and record what its cache cost."""
+        if seq.slot is not None:
+            self.runner.release(seq.slot)
+            self.scheduler.release(seq)
+        per_entry = self.config.kv_bytes_per_token(self.dtype.itemsize)
+        generated = len(seq.token_ids)
+        seq.stats.update(kv_bytes=per_entry * (seq.stats.get("kept_tokens", 0) + generated),
+                         full_kv_bytes=per_entry * (len(seq.prompt_token_ids) + generated),
+                         ttft_s=seq.first_token_at - seq.arrival if seq.first_token_at else None)
+
+    def _run_until(self, done) -> None:
+        while not done():
+            with self._lock:
+                if not done():
+                    self._step()
+
+    # --- offline and streaming use ----------------------------------------------------------------------------
 
     def generate(self, prompts: str | list[str] | None = None, sampling_params: SamplingParams | list | None = None,
                  chat: bool = False, prompt_token_ids: list[list[int]] | None = None, return_kept: bool = False,
                  progress: ProgressFn | None = None) -> list[RequestOutput]:
-        """Generate for every prompt (text, or pre-tokenized `prompt_token_ids`); batches of `max_batch_size`
-        decode together. Greedy results do not depend on the batch a prompt lands in."""
+        """Generate for every prompt (text, or pre-tokenized `prompt_token_ids`, a list of lists), all requests
+        of the continuous-batching loop. Results come back in order and never depend on the batch. Invalid input
+        raises; a request that cannot fit a slot gets finish_reason "error" and its reason in `error`, and the
+        others run normally."""
         if (prompts is None) == (prompt_token_ids is None):
             raise ValueError("pass exactly one of prompts or prompt_token_ids")
         if isinstance(prompts, str):
             prompts = [prompts]
-        ids_list = prompt_token_ids if prompts is None else [self.encode_prompt(p, chat) for p in prompts]
+        if prompt_token_ids is not None and (not isinstance(prompt_token_ids, (list, tuple)) or any(
+                isinstance(p, int) for p in prompt_token_ids)):
+            raise ValueError("prompt_token_ids must be a list of token-id lists, one per prompt, e.g. [[1, 2, 3]]")
+        ids_list = [self._check_prompt(ids) for ids in prompt_token_ids] if prompts is None else \
+            [self._check_prompt(self.encode_prompt(p, chat)) for p in prompts]
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(ids_list)
         if len(params) != len(ids_list):
             raise ValueError(f"got {len(params)} sampling params for {len(ids_list)} prompts")
-        params = [p or SamplingParams() for p in params]
-        for ids in ids_list:
-            self._check_prompt(ids)
-        outputs: list[RequestOutput] = []
-        for start in range(0, len(ids_list), self.max_batch_size):
-            group = [_Sequence(list(ids), p, self.device) for ids, p in
-                     zip(ids_list[start:start + self.max_batch_size], params[start:start + self.max_batch_size])]
-            for _ in self._run(group, return_kept, progress):
-                pass
-            outputs += [s.out for s in group]
-        return outputs
+        results: list[RequestOutput | None] = [None] * len(ids_list)
+        pending: dict[int, Sequence] = {}
+        for i, (ids, p) in enumerate(zip(ids_list, params)):
+            try:
+                # a one-output mailbox: generate only needs the final output
+                pending[i] = self._add(None, p, False, ids, None, ENGINE_POLICY, return_kept, progress,
+                                       deque(maxlen=1))
+            except ValueError as refused:
+                results[i] = RequestOutput("", ids, finish_reason="error", error=str(refused))
+        self._run_until(lambda: all(s.status is Status.FINISHED for s in pending.values()))
+        for i, seq in pending.items():
+            results[i] = seq.mailbox[-1]
+        return results
 
     def stream(self, prompt: str | None = None, sampling_params: SamplingParams | None = None, chat: bool = False,
                prompt_token_ids: list[int] | None = None, progress: ProgressFn | None = None,
                result: list | None = None) -> Iterator[str]:
         """Yield the text of one request as it is produced. If `result` is a list, the final RequestOutput is
-        appended to it (for stats) once the stream ends."""
-        ids = self.encode_prompt(prompt, chat) if prompt_token_ids is None else list(prompt_token_ids)
-        self._check_prompt(ids)
-        seq = _Sequence(ids, sampling_params or SamplingParams(), self.device)
-        for _ in self._run([seq], False, progress):
-            delta = seq.new_text()
-            if delta:
-                yield delta
-        tail = seq.new_text()
-        if tail:
-            yield tail
-        if result is not None:
-            result.append(seq.out)
-
-    def _decode_runner(self, batch: int, capacity: int) -> tuple[DecodeStep, object]:
-        """The static cache + decode step for this batch bucket and capacity, reused when the shape repeats
-        (a captured CUDA graph or a compiled step is only worth its set-up cost if it is replayed)."""
-        if self._decoder is not None and self._decoder[0] == (batch, capacity):
-            _, step, runner = self._decoder
-            runner.reset()
-            return step, runner
-        self._decoder = None  # free the previous cache before allocating the next
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()  # so that mem_get_info, which the cache size check reads, sees it as free
-        cfg = self.config
-        cache = KVCache(cfg.num_layers, batch, cfg.num_kv_heads, capacity, cfg.head_dim, self.dtype, self.device,
-                        track_positions=cfg.sliding_window is not None)
-        step = DecodeStep(self.model, cache)
-        if self.device.type == "cuda" and self.cuda_graph:
-            runner = CUDAGraphStep(step)
-        elif self.compile:
-            runner = CompiledStep(step)
-        else:
-            runner = step
-        self._decoder = ((batch, capacity), step, runner)
-        return step, runner
-
-    @torch.inference_mode()
-    def _run(self, seqs: list[_Sequence], return_kept: bool, progress: ProgressFn | None) -> Iterator[None]:
-        """Prefill every sequence into its slot, then decode them together; yields after each new token round."""
-        max_new = [min(s.params.max_tokens, self.max_model_len - len(s.out.prompt_token_ids)) for s in seqs]
-        kept_lengths = [self.policy.kept_length(len(s.out.prompt_token_ids)) for s in seqs]
-        needed = max(k + n for k, n in zip(kept_lengths, max_new))
-        capacity = -(-needed // CAPACITY_MULTIPLE) * CAPACITY_MULTIPLE
-        batch = batch_bucket(len(seqs), self.max_batch_size)
-        longest = max(len(s.out.prompt_token_ids) for s in seqs)
-        predicted = self._check_memory(longest, capacity, batch, max(max_new))
-        if progress is not None:
-            self._attach_layer_progress(progress)
+        appended to it (for stats) once the stream ends. Closing the iterator early aborts the request."""
+        seq = self._add(prompt, sampling_params, chat, prompt_token_ids, None, ENGINE_POLICY, False, progress,
+                        deque())
         try:
-            with PeakMeter(self.device) as meter:
-                step, runner = self._decode_runner(batch, capacity)
-                for slot, seq in enumerate(seqs):
-                    self._prefill(seq, slot, step, return_kept, max_new[slot])
-                    if slot < len(seqs) - 1:
-                        yield
+            while True:
+                while seq.mailbox:
+                    out = seq.mailbox.popleft()
+                    if out.new_text:
+                        yield out.new_text
+                    if out.finished:
+                        if result is not None:
+                            result.append(out)
+                        return
+                with self._lock:
+                    if not seq.mailbox:
+                        self._step()
         finally:
-            self._detach_layer_progress()
-        for seq in seqs:
-            seq.out.stats.update(predicted_peak_bytes=predicted, measured_peak_bytes=meter.peak)
-        yield
+            if seq.status is not Status.FINISHED:
+                self.abort(seq.request_id)
 
-        decode_start = time.perf_counter()
-        params = [None if s.out.finish_reason else s.params for s in seqs] + [None] * (batch - len(seqs))
-        generators = [s.generator for s in seqs] + [None] * (batch - len(seqs))
-        while any(p is not None for p in params):
-            logits = runner()
-            tokens = sample_tokens(logits, params, generators)
-            for slot, seq in enumerate(seqs):
-                if params[slot] is None:
-                    continue
-                seq.add_token(tokens[slot], self.tokenizer, self.eos_ids, max_new[slot])
-                step.tokens[slot] = tokens[slot]
-                if seq.out.finish_reason:
-                    params[slot] = None
-                    step.active[slot] = 0
-            if progress is not None:
-                progress("decode", max(len(s.out.token_ids) for s in seqs), max(max_new))
-            yield
-        decode_s = time.perf_counter() - decode_start
-        for seq in seqs:
-            generated, stats = len(seq.out.token_ids), seq.out.stats
-            stats.update(decode_s=decode_s, generated_tokens=generated,
-                         kv_bytes=step.cache.bytes_per_entry() * (stats["kept_tokens"] + generated),
-                         full_kv_bytes=step.cache.bytes_per_entry() * (stats["prompt_tokens"] + generated))
 
-    def _check_memory(self, prompt_len: int, capacity: int, batch: int, max_new: int) -> int:
-        """Refuse, before allocating anything, a generation whose predicted peak exceeds free memory."""
-        cfg, e = self.config, self.model.lm_head.weight.element_size()
-        window = self.policy.queries_needed
-        chunk, kind = self.prefill_chunk_size, self.device.type
-        estimate = predict_generation_peak(cfg, prompt_len, capacity, batch, e, chunk, window, kind)
-        held = self._decoder[1].cache.nbytes if self._decoder else 0  # freed or reused by this call
-        free = available_memory_bytes(self.device) + held
-        if estimate.total > free:
-            def capacity_for(t):
-                return self.policy.kept_length(t) + max_new
+def _check_positive(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer (got {value!r})")
 
-            fits = longest_prompt_that_fits(cfg, free, capacity_for, batch, e, chunk, window, kind)
-            raise ValueError(
-                f"a {prompt_len}-token prompt needs about {format_bytes(estimate.total)} beyond the weights "
-                f"({estimate.describe()}) but {format_bytes(free)} is free on {self.device}; about {fits} tokens "
-                f"would fit with these settings: shorten the prompt, set a SnapKV budget, lower the prefill chunk "
-                f"size or run fewer prompts at once")
-        return estimate.total
 
-    def _prefill(self, seq: _Sequence, slot: int, step: DecodeStep, return_kept: bool, max_new: int) -> None:
-        ids = seq.out.prompt_token_ids
-        cache = step.cache
-        start = time.perf_counter()
-        view = PrefillView(cache, slot, self.policy, self.config.sliding_window, record_kept=return_kept)
-        input_ids = torch.tensor([ids], device=self.device)
-        logits = self.model(input_ids, ctx=view, last_only=True, chunk_size=self.prefill_chunk_size)[:, -1]
-        cache.lengths[slot] = view.kept_length
-        token = sample_tokens(logits, [seq.params], [seq.generator])[0]
-        seq.out.stats.update(prompt_tokens=len(ids), kept_tokens=view.kept_length,
-                             prefill_s=time.perf_counter() - start)
-        seq.out.kept = view.kept
-        seq.add_token(token, self.tokenizer, self.eos_ids, max_new)
-        step.tokens[slot] = token
-        step.positions[slot] = len(ids)
-        step.active[slot] = 0 if seq.out.finish_reason else 1
-
-    # progress during prefill comes from a per-layer hook, so the model code stays free of UI concerns
-    def _attach_layer_progress(self, progress: ProgressFn) -> None:
-        layers = self.model.model.layers
-        total = len(layers)
-        self._hooks = [layer.register_forward_hook(
-            lambda mod, inp, out, i=i: progress("prefill", i + 1, total) if inp[0].shape[1] > 1 else None)
-            for i, layer in enumerate(layers)]
-
-    def _detach_layer_progress(self) -> None:
-        for h in getattr(self, "_hooks", []):
-            h.remove()
-        self._hooks = []
+def _since(t: float) -> float:
+    return time.perf_counter() - t

@@ -1,9 +1,10 @@
-"""Memory model: predict the peak memory a generate call adds on top of the loaded weights, so that an impossible
-request is refused with the figure and what would fit, before it starts, instead of crashing mid-prefill.
+"""Memory model: predict the peak memory a prefill adds on top of the loaded weights and the static cache, so that
+an impossible request is refused with the figure and what would fit, before it starts, instead of crashing
+mid-prefill; and the whole picture for an engine (cache + the longest prefill), for benchmarks and planning.
 
-The prefill is layer-major and chunked (models.llama.DecoderLayer.forward_chunked), so its peak is a sum of terms
-that each grow with at most one factor of the prompt length T:
-    static cache      batch x capacity x (2 x layers x kv_heads x head_dim) x dtype      (compressed by SnapKV)
+The static cache is slots x capacity x (2 x layers x kv_heads x head_dim) x dtype, compressed by SnapKV and
+allocated once. The prefill is layer-major and chunked (models.llama.DecoderLayer.prefill), so its peak is a sum
+of terms that each grow with at most one factor of the prompt length T:
     residual stream   T x hidden x dtype, updated in place                               (one prompt at a time)
     RoPE tables       T x head_dim x (2 x dtype + fp32 temporaries)
     one layer's K/V   2 x T x kv_heads x head_dim x dtype                                (never all layers)
@@ -37,21 +38,17 @@ class MemoryEstimate:
         return ", ".join(f"{name} {format_bytes(n)}" for name, n in self.parts.items() if n)
 
 
-def predict_generation_peak(cfg: ModelConfig, prompt_len: int, capacity: int, batch: int, dtype_bytes: int,
-                            chunk: int, window: int = 0, device_type: str = "cpu") -> MemoryEstimate:
-    """Peak bytes added by one generate call: prefill of the longest prompt into a cache of `capacity` entries
-    per sequence for `batch` slots (window: SnapKV's observation window, 0 without SnapKV)."""
+def predict_prefill_peak(cfg: ModelConfig, prompt_len: int, dtype_bytes: int, chunk: int, window: int = 0,
+                         device_type: str = "cpu") -> MemoryEstimate:
+    """Peak bytes one prompt's prefill adds beyond the weights and the (already allocated) static cache
+    (window: SnapKV's observation window, 0 without SnapKV)."""
     t, e = prompt_len, dtype_bytes
     c = min(chunk, t)
     hkv, d, h = cfg.num_kv_heads, cfg.head_dim, cfg.num_heads
-    cache = batch * capacity * cfg.kv_bytes_per_token * e
-    if cfg.sliding_window is not None:
-        cache += batch * capacity * cfg.num_layers * hkv * 4  # int32 position of each entry
     chunk_work = c * (4 * cfg.hidden_size + 3 * h * d + 4 * hkv * d + 3 * cfg.intermediate_size) * e
     group = h // hkv
     scoring = (3 * group * window * t + 4 * h * t) * FP32 + 3 * hkv * t * 8 if window else 0
     parts = {
-        "KV cache": cache,
         "residual stream": t * cfg.hidden_size * e,
         "RoPE tables": t * d * (2 * e + 3 * FP32),
         "one layer's K/V": 2 * t * hkv * d * e,
@@ -62,12 +59,22 @@ def predict_generation_peak(cfg: ModelConfig, prompt_len: int, capacity: int, ba
     return MemoryEstimate(int(MARGIN * sum(parts.values())) + SLACK, parts)
 
 
-def longest_prompt_that_fits(cfg: ModelConfig, free_bytes: int, capacity_for, batch: int, dtype_bytes: int,
-                             chunk: int, window: int = 0, device_type: str = "cpu", limit: int = 1 << 24) -> int:
-    """The longest prompt whose predicted peak fits in free_bytes; capacity_for(T) gives the cache entries."""
+def predict_generation_peak(cfg: ModelConfig, prompt_len: int, capacity: int, batch: int, dtype_bytes: int,
+                            chunk: int, window: int = 0, device_type: str = "cpu") -> MemoryEstimate:
+    """The whole picture for one engine: a static cache of `capacity` entries for `batch` slots, plus the
+    prefill of the longest prompt."""
+    prefill = predict_prefill_peak(cfg, prompt_len, dtype_bytes, chunk, window, device_type)
+    cache = batch * capacity * cfg.kv_bytes_per_token(dtype_bytes)
+    return MemoryEstimate(prefill.total + int(MARGIN * cache), {"KV cache": cache, **prefill.parts})
+
+
+def longest_prompt_that_fits(cfg: ModelConfig, free_bytes: int, dtype_bytes: int, chunk: int, window: int = 0,
+                             device_type: str = "cpu", cache_bytes_for=lambda t: 0, limit: int = 1 << 24) -> int:
+    """The longest prompt whose predicted prefill peak, plus cache_bytes_for(T) of cache still to be allocated
+    for it (0 for an engine whose cache exists), fits in free_bytes."""
     def fits(t):
-        estimate = predict_generation_peak(cfg, t, capacity_for(t), batch, dtype_bytes, chunk, window, device_type)
-        return estimate.total <= free_bytes
+        peak = predict_prefill_peak(cfg, t, dtype_bytes, chunk, window, device_type).total
+        return peak + int(MARGIN * cache_bytes_for(t)) <= free_bytes
 
     if not fits(1):
         return 0

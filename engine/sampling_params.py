@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
 @dataclass
 class SamplingParams:
-    """temperature 0 means greedy; top_k 0 and top_p 1.0 mean no filtering. Each request samples from its own
-    generator seeded by `seed` (random when None), so a batch never changes a request's draws."""
+    """temperature 0 means greedy; top_k 0 and top_p 1.0 mean no filtering. A request's draws depend only on its
+    `seed` (random when None) and the token's index, never on the batch or the slot it runs in."""
 
     max_tokens: int = 64
     temperature: float = 0.0
@@ -19,20 +20,20 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self):
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
+        self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive integer (got {self.max_tokens!r})")
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0 (got {self.temperature!r}); use 0 for greedy decoding")
+        if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature < math.inf:
+            raise ValueError(f"temperature must be a finite number >= 0 (got {self.temperature!r}); use 0 for "
+                             "greedy decoding")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0 (got {self.top_k!r}); 0 disables it")
-        if not 0 < self.top_p <= 1:
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1] (got {self.top_p!r}); 1 disables it")
-        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
-            raise ValueError(f"seed must be a non-negative integer (got {self.seed!r})")
-        if any(not s for s in self.stop):
-            raise ValueError("stop strings must be non-empty")
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
+            raise ValueError(f"seed must be an integer in [0, 2**63) (got {self.seed!r})")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty strings")
 
     @property
     def greedy(self) -> bool:

@@ -34,13 +34,15 @@ class ModelConfig:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
 
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """Elements of K and V one token needs across all layers (multiply by the dtype's size)."""
-        return self.num_layers * 2 * self.num_kv_heads * self.head_dim
+    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
+        """Bytes of K and V one token needs across all layers, at `dtype_bytes` per element (plus the int32
+        original position of each entry that a sliding-window model keeps)."""
+        per_head = 2 * self.head_dim * dtype_bytes + (4 if self.sliding_window is not None else 0)
+        return self.num_layers * self.num_kv_heads * per_head
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any], source: str = "config.json") -> "ModelConfig":
+        _check_fields(cfg, source)
         archs = cfg.get("architectures") or []
         arch = archs[0] if archs else {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}.get(
             cfg.get("model_type", ""), "")
@@ -152,6 +154,33 @@ class ModelConfig:
         if self.architecture == "MistralForCausalLM":
             cfg["sliding_window"] = self.sliding_window
         return cfg
+
+
+_REQUIRED_INTS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+_OPTIONAL_INTS = ("num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window")
+_OPTIONAL_NUMBERS = ("rms_norm_eps", "rope_theta")
+
+
+def _check_fields(cfg: Any, source: str) -> None:
+    """A config.json that parses but is not a model config gets one line that names the field, not a traceback."""
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{source}: expected a JSON object with the model's fields, got a {type(cfg).__name__}")
+    for key in _REQUIRED_INTS + _OPTIONAL_INTS:
+        value = cfg.get(key)
+        if value is None and key in _OPTIONAL_INTS:
+            continue
+        if key not in cfg:
+            raise ValueError(f"{source}: the field {key!r} is missing; a Llama/Mistral config.json needs "
+                             f"{', '.join(_REQUIRED_INTS)}")
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{source}: {key} must be a positive integer (got {value!r})")
+    for key in _OPTIONAL_NUMBERS:
+        value = cfg.get(key)
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0):
+            raise ValueError(f"{source}: {key} must be a positive number (got {value!r})")
+    if cfg["hidden_size"] % cfg["num_attention_heads"] and cfg.get("head_dim") is None:
+        raise ValueError(f"{source}: hidden_size ({cfg['hidden_size']}) is not a multiple of num_attention_heads "
+                         f"({cfg['num_attention_heads']}) and no head_dim is given")
 
 
 def _normalize_rope_scaling(scaling: dict[str, Any] | None, source: str) -> dict[str, Any] | None:

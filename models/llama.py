@@ -1,9 +1,11 @@
 """The Llama/Mistral network: RMSNorm, RoPE (default, linear, llama3), GQA attention, SwiGLU MLP, sliding window.
 
 Module names mirror HF transformers (model.layers.N.self_attn.q_proj, ...), so an HF safetensors state dict loads
-as is. Attention never stores anything itself: it hands its post-RoPE q/k/v to an `AttentionContext` (a cache
-view supplied by the engine), which decides where K/V live and what the query attends to. With no context the
-forward is plain full-sequence causal attention — the reference path that the parity tests compare with HF.
+as is. Two entry points: `forward` prefills a prompt layer-major (one path, chunked or not) and hands each layer's
+post-RoPE K/V to the cache view's `store`; `decode` runs one token per sequence and lets the view's `attend` store
+its K/V and attend over the cache. The model never stores anything itself and knows no selection policy: the
+`AttentionContext` (a cache view supplied by the engine) decides what is kept. With no context, `forward` is plain
+causal attention over the prompt — the reference path that the parity tests compare with HF.
 """
 
 from __future__ import annotations
@@ -20,15 +22,16 @@ from models.config import ModelConfig
 
 
 class AttentionContext(Protocol):
-    """A cache view: given one layer's q [B,H,T,D] and k/v [B,Hkv,T,D] (post-RoPE), return attention [B,H,T,D].
-    A chunked prefill computes attention itself and only hands over the layer's full k/v and its last
-    `tail_queries` queries, through `store`."""
+    """A cache view, supplied by the engine. Prefill: the model computes attention itself and hands each layer's
+    full-length k/v [B, Hkv, T, D] (post-RoPE) and its last `tail_queries` queries to `store` (the view selects
+    and keeps what it wants). Decode: `attend` takes one new token's q [B, H, 1, D] and k/v [B, Hkv, 1, D],
+    stores k/v and returns attention [B, H, 1, D] over everything the cache holds."""
 
     tail_queries: int
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
-
     def store(self, layer: int, q_tail: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None: ...
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
 
 
 class RMSNorm(nn.Module):
@@ -107,12 +110,10 @@ class Attention(nn.Module):
         b, _, t, _ = attention.shape
         return self.o_proj(attention.transpose(1, 2).reshape(b, t, -1))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                ctx: AttentionContext | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        """Decode: one new token per sequence; the cache view stores its k/v and attends over the cache."""
         q = self.project_q(x, cos, sin)
         k, v = self.project_kv(x, cos, sin)
-        if ctx is None:
-            return self.output(prefill_attention(q, k, v, self.sliding_window))
         return self.output(ctx.attend(self.layer, q, k, v))
 
 
@@ -135,15 +136,17 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, ctx):
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        """Decode step: x [B, 1, hidden]."""
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def forward_chunked(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                        ctx: AttentionContext | None, chunk: int) -> torch.Tensor:
-        """The same layer for a long prompt, `chunk` positions at a time, updating x in place: first this layer's
+    def prefill(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext | None,
+                chunk: int) -> torch.Tensor:
+        """The layer over a whole prompt, `chunk` positions at a time, updating x in place: first this layer's
         full K/V, chunk by chunk (handed to the cache view to select and store), then each query chunk attends
-        causally to the keys up to it and runs the MLP. No [T, T] scores, no [T, intermediate] activations."""
+        causally to the keys up to it and runs the MLP. With chunk >= T it is ordinary full attention; with a
+        smaller chunk there are no [T, T] scores and no [T, intermediate] activations."""
         attn, t = self.self_attn, x.shape[1]
         chunks = [(s, min(s + chunk, t)) for s in range(0, t, chunk)]
         k = x.new_empty(x.shape[0], attn.num_kv_heads, t, attn.head_dim)
@@ -187,16 +190,26 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 ctx: AttentionContext | None = None, last_only: bool = False,
                 chunk_size: int | None = None) -> torch.Tensor:
-        """input_ids [B, T] (positions default to 0..T-1) -> logits [B, T, V] (or [B, 1, V] with last_only).
-        With chunk_size < T the prompt goes through the layers one at a time in chunks of queries (layer-major
-        chunked prefill: memory bounded by one layer's K/V plus the [T, hidden] residual stream)."""
+        """Prefill: input_ids [B, T] (positions default to 0..T-1) -> logits [B, T, V] (or [B, 1, V] with
+        last_only).
+        Layer-major: the whole prompt goes through one layer before the next, in query chunks of `chunk_size`
+        (default: the whole prompt), so memory is bounded by one layer's K/V plus the [T, hidden] residual
+        stream; each layer hands its K/V to `ctx.store`. Without ctx it is the plain causal forward."""
+        t = input_ids.shape[1]
         if positions is None:
-            positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+            positions = torch.arange(t, device=input_ids.device).expand_as(input_ids)
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, x.dtype)
-        chunked = chunk_size is not None and input_ids.shape[1] > chunk_size
         for layer in self.model.layers:
-            x = layer.forward_chunked(x, cos, sin, ctx, chunk_size) if chunked else layer(x, cos, sin, ctx)
+            x = layer.prefill(x, cos, sin, ctx, chunk_size or t)
         if last_only:
             x = x[:, -1:]  # a long prompt's full [T, vocab] logits would cost more memory than its KV cache
         return self.lm_head(self.model.norm(x))
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        """One token per sequence: tokens, positions [B] -> logits [B, V]; K/V go to and come from `ctx`."""
+        x = self.model.embed_tokens(tokens[:, None])
+        cos, sin = self.rotary(positions[:, None], x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, ctx)
+        return self.lm_head(self.model.norm(x))[:, 0]

@@ -7,6 +7,17 @@ from dataclasses import dataclass
 POLICIES = ("snapkv", "streaming", "full")
 POOLINGS = ("max", "avg")
 GROUP_AGGREGATIONS = ("mean", "max")
+CHOICES = {"policy": POLICIES, "pooling": POOLINGS, "group_agg": GROUP_AGGREGATIONS}
+# one line per knob, for every front end (snapkv-run's flags, the server's request field)
+HELP = {
+    "budget": "SnapKV: entries kept per layer and kv head, the observation window included.",
+    "window": "SnapKV observation window: the last prompt tokens, whose attention votes for what to keep.",
+    "kernel": "SnapKV vote pooling kernel (odd): the neighbours of a voted position are kept with it.",
+    "pooling": "SnapKV vote pooling.",
+    "group_agg": "SnapKV: how the query heads of one kv group combine their votes (max: a position any head "
+                 "wants is kept).",
+    "policy": "Selection policy: snapkv, streaming (StreamingLLM: sink tokens + the most recent) or full.",
+}
 
 
 @dataclass(frozen=True)

@@ -142,3 +142,60 @@ def test_bad_snapkv_values_exit_2(capsys, smol_dir, prompt_file):
                           (["--policy", "h2o"], "Invalid value for '--policy'")]:
         code, _, err = run_main(capsys, *model, *args)
         assert_one_line_error(code, err, pattern)
+
+
+def test_ctrl_c_exits_130_with_one_line(tmp_path):
+    """Ctrl-C while the answer streams: exit code 130 and one line on stderr (scripts must not see success)."""
+    import signal
+
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("Tell me a very long story about a lighthouse keeper and the sea.")
+    exe = ROOT / ".venv" / "bin" / "snapkv-run"
+    proc = subprocess.Popen([str(exe), "--prompt", str(prompt), "-n", "2000", "--no-snapkv"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.read(1)  # the answer has started to stream
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert err.decode().strip().splitlines() == ["error: interrupted"]
+
+
+def test_config_and_flag_mistakes_exit_2_before_any_work(capsys, smol_dir, prompt_file, tmp_path):
+    import shutil
+
+    broken = {"missing": {"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 2},
+              "wrong_type": {**json.loads((smol_dir / "config.json").read_text()), "hidden_size": "576"},
+              "a_list": [1, 2, 3]}
+    patterns = {"missing": "the field 'hidden_size' is missing", "wrong_type": r"hidden_size must be a positive "
+                "integer \\(got '576'\\)", "a_list": "expected a JSON object .* got a list"}
+    for name, content in broken.items():
+        model = tmp_path / name
+        model.mkdir()
+        (model / "config.json").write_text(json.dumps(content))
+        shutil.copy(smol_dir / "tokenizer.json", model)
+        code, _, err = run_main(capsys, "--model", str(model), "--prompt", str(prompt_file))
+        assert_one_line_error(code, err, patterns[name])
+    model = ["--model", str(smol_dir), "--prompt", str(prompt_file)]
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    for args, pattern in [(["--show-kept", str(a_file / "view.html")], r"--show-kept .*: cannot write there"),
+                          (["--show-kept", str(tmp_path)], r"--show-kept .*: is a directory"),
+                          (["--prefill-chunk", "0"], "prefill_chunk_size must be a positive integer"),
+                          (["-n", "8190"], r"together past the model's 8192 positions; lower max_tokens \(-n\) "
+                                           r"to at most \d+")]:
+        code, _, err = run_main(capsys, *model, *args)
+        assert_one_line_error(code, err, pattern)
+
+
+def test_help_shows_every_default():
+    proc = subprocess.run([str(ROOT / ".venv" / "bin" / "snapkv-run"), "--help"], capture_output=True, timeout=60,
+                          env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
+    text = " ".join(proc.stdout.decode().split())
+    assert proc.returncode == 0
+    # typer puts a default given as text in parentheses
+    assert "[default: (weights/SmolLM2-135M-Instruct)]" in text and "[default: (4096 on cuda, 512 on cpu)]" in text
+    from snapkv import SnapKVConfig
+
+    defaults = SnapKVConfig()
+    assert f"[default: {defaults.budget}]" in text and f"[default: {defaults.kernel}]" in text
+    assert "FILE" not in text

@@ -19,7 +19,10 @@ def test_llama_defaults_and_fields():
     cfg = ModelConfig.from_dict(base(rope_theta=5e5, eos_token_id=[7, 8], bos_token_id=1, tie_word_embeddings=True))
     assert (cfg.head_dim, cfg.num_kv_heads, cfg.rope_theta, cfg.eos_token_ids) == (16, 2, 5e5, [7, 8])
     assert cfg.tie_word_embeddings and cfg.sliding_window is None and cfg.rope_scaling is None
-    assert cfg.kv_bytes_per_token == 2 * 2 * 2 * 16
+    # 2 layers x 2 kv heads x (K + V) x head_dim 16 x 4 bytes (float32); bf16 halves it
+    assert cfg.kv_bytes_per_token(4) == 2 * 2 * 2 * 16 * 4 and cfg.kv_bytes_per_token(2) == 2 * 2 * 2 * 16 * 2
+    windowed = ModelConfig.from_dict(base(architectures=["MistralForCausalLM"], sliding_window=64))
+    assert windowed.kv_bytes_per_token(2) == 2 * 2 * (2 * 16 * 2 + 4)  # + each entry's int32 position
 
 
 def test_transformers5_rope_parameters_and_llama3():

@@ -123,8 +123,38 @@ def test_input_errors(smol):
         smol.generate(["hi"], [SamplingParams(), SamplingParams()])
 
 
-def test_generation_capped_at_max_model_len(smol_dir):
-    llm = LLM(smol_dir, max_model_len=110)
-    out = llm.generate(prompt_token_ids=[list(range(200, 300))],
-                       sampling_params=SamplingParams(max_tokens=50, ignore_eos=True))[0]
-    assert len(out.token_ids) == 10 and out.finish_reason == "length"
+def test_past_max_model_len_is_refused_with_the_numbers(smol_dir):
+    llm = LLM(smol_dir, max_model_len=110, max_batch_size=2)
+    params = [SamplingParams(max_tokens=50, ignore_eos=True), SamplingParams(max_tokens=10, ignore_eos=True)]
+    refused, fine = llm.generate(prompt_token_ids=[list(range(200, 300))] * 2, sampling_params=params)
+    assert refused.finish_reason == "error" and not refused.token_ids
+    assert refused.error == ("the prompt has 100 tokens and max_tokens is 50, together past the model's 110 "
+                             "positions; lower max_tokens (-n) to at most 10 or shorten the prompt")
+    assert len(fine.token_ids) == 10 and fine.finish_reason == "length" and fine.error is None
+    with pytest.raises(ValueError, match="lower max_tokens"):
+        llm.add_request(prompt_token_ids=list(range(200, 300)), sampling_params=params[0])
+
+
+def test_bad_library_input_is_refused_clearly(smol):
+    with pytest.raises(ValueError, match="list of token-id lists"):
+        smol.generate(prompt_token_ids=[5, 6, 7])  # flat: one prompt must still be wrapped
+    with pytest.raises(ValueError, match="must be integers"):
+        smol.generate(prompt_token_ids=[[5.0, 6.0]])
+    with pytest.raises(ValueError, match="temperature must be a finite number"):
+        SamplingParams(temperature=float("inf"))
+    with pytest.raises(ValueError, match="unsupported device 'tpu'"):
+        LLM(SMOL_DIR, device="tpu")
+    for name, kwargs in [("prefill_chunk_size", {"prefill_chunk_size": 0}), ("max_batch_size", {"max_batch_size": 0}),
+                         ("max_kv_len", {"max_kv_len": -5})]:
+        with pytest.raises(ValueError, match=f"{name} must be a positive integer"):
+            LLM(SMOL_DIR, **kwargs)
+
+
+def test_progress_fires_on_the_chunked_prefill_path(tmp_path):
+    """Prefill progress comes once per layer whatever the prompt length (here 3 chunks of 32), then decode."""
+    llm = LLM(tiny_model_dir(tmp_path, "llama", num_hidden_layers=3), prefill_chunk_size=32)
+    events = []
+    llm.generate(prompt_token_ids=[list(range(3, 99))], sampling_params=SamplingParams(max_tokens=4, ignore_eos=True),
+                 progress=lambda stage, done, total: events.append((stage, done, total)))
+    assert events == [("prefill", 1, 3), ("prefill", 2, 3), ("prefill", 3, 3),
+                      ("decode", 1, 4), ("decode", 2, 4), ("decode", 3, 4), ("decode", 4, 4)]

@@ -69,11 +69,11 @@ def test_kv_heads_are_not_repeated(tmp_path):
     seen = []
 
     class Spy:
-        def attend(self, layer, q, k, v):
-            seen.append((q.shape[1], k.shape[1], v.shape[1]))
-            from models.attention import prefill_attention
-            return prefill_attention(q, k, v)
+        tail_queries = 3
+
+        def store(self, layer, q, k, v):
+            seen.append((q.shape[1], k.shape[1], v.shape[1], q.shape[2], k.shape[2]))
 
     with torch.no_grad():
         ours(torch.randint(0, 128, (1, 12)), ctx=Spy())
-    assert seen == [(4, 1, 1)] * 2
+    assert seen == [(4, 1, 1, 3, 12)] * 2  # and the last 3 queries with all 12 keys

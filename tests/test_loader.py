@@ -109,3 +109,13 @@ def test_no_weights_and_missing_shard(tmp_path):
         load_model(tmp_path / "empty")
     with pytest.raises(ValueError, match="no such model file or directory"):
         load_model(tmp_path / "nope")
+
+
+def test_convert_command_errors_are_one_line(tmp_path, capsys):
+    import convert_gguf
+
+    assert convert_gguf.main([]) == 2
+    assert "usage: snapkv-convert IN.gguf OUT_DIR" in capsys.readouterr().err
+    assert convert_gguf.main([str(tmp_path / "missing.gguf"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {tmp_path / 'missing.gguf'}: no such GGUF file"]

@@ -2,11 +2,14 @@
 measured peak memory stays under the memory model's prediction, impossible requests are refused up front, and
 prompts past the trained length need an explicit opt-in."""
 
+import re
+
 import pytest
 import torch
 
 import engine.llm as llm_module
 from engine import LLM, SamplingParams
+from engine.kv_cache import KVCache
 from engine.memory_model import predict_generation_peak
 from models.loader import load_model
 from snapkv import SnapKVConfig
@@ -65,33 +68,47 @@ def test_smollm2_32k_prompt_peak_memory(smol_dir):
     out = llm.generate(prompt_token_ids=[ids], sampling_params=SamplingParams(max_tokens=2, ignore_eos=True))[0]
     stats = out.stats
     assert stats["prompt_tokens"] == 32768 and stats["kept_tokens"] == 1024
-    assert 32768 * 46080 > 1.4 * 2**30
+    assert stats["full_kv_bytes"] > 1.4 * 2**30  # what the full cache would hold
     assert stats["measured_peak_bytes"] is not None
     assert stats["measured_peak_bytes"] < stats["predicted_peak_bytes"], stats
     assert stats["measured_peak_bytes"] < 512 * 2**20, stats
 
 
 def test_refusal_before_starting(smol_dir, monkeypatch):
-    llm = LLM(smol_dir, allow_longer_context=True)
+    llm = LLM(smol_dir, allow_longer_context=True, max_batch_size=1)
     monkeypatch.setattr(llm_module, "available_memory_bytes", lambda device: 300 * 2**20)
-    with pytest.raises(ValueError, match=r"a 20000-token prompt needs about .* beyond the weights \(KV cache "
-                                         r".* is free on cpu; about \d+ tokens would fit"):
-        llm.generate(prompt_token_ids=[[5] * 20000], sampling_params=SamplingParams(max_tokens=4))
+    refused = llm.generate(prompt_token_ids=[[5] * 20000], sampling_params=SamplingParams(max_tokens=4))[0]
+    assert refused.finish_reason == "error" and not refused.token_ids
+    assert re.fullmatch(r"a 20000-token prompt needs about .* beyond the weights and the cache to prefill "
+                        r"\(residual stream .*\) but 300\.00 MiB is free on cpu; about (\d+) tokens would fit: "
+                        r"shorten the prompt or lower the prefill chunk size", refused.error), refused.error
+    with pytest.raises(ValueError, match="20000-token prompt needs about"):
+        llm.add_request(prompt_token_ids=[5] * 20000, sampling_params=SamplingParams(max_tokens=4))
+    assert not llm.has_unfinished()  # nothing was queued
+    ok = llm.generate(prompt_token_ids=[[5] * 600], sampling_params=SamplingParams(max_tokens=4))[0]
+    assert ok.error is None and ok.stats["predicted_peak_bytes"] < 300 * 2**20
 
 
-def test_prediction_grows_as_documented():
-    from models.config import ModelConfig
+def test_prediction_terms_match_the_real_tensors(tmp_path):
+    """The memory model's cache and one-layer K/V terms are the sizes of the tensors the engine really makes."""
+    path = tiny_model_dir(tmp_path, "mistral", sliding_window=20)
+    llm = LLM(path, snapkv=SnapKVConfig(budget=40, window=8), max_batch_size=3, max_kv_len=50, prefill_chunk_size=32)
+    cfg, e = llm.config, 4
+    predicted = predict_generation_peak(cfg, 150, 50, 3, e, 32, window=8)
+    assert predicted.parts["KV cache"] == llm.runner.cache.nbytes  # K, V and the int32 positions
+    assert predicted.parts["KV cache"] == KVCache(cfg.num_layers, 3, cfg.num_kv_heads, 50, cfg.head_dim,
+                                                  track_positions=True).nbytes
+    seen = []
 
-    cfg = ModelConfig(hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
-                      intermediate_size=14336, vocab_size=128256)
-    # the 8B Llama-3 shape at 512K tokens on a GPU, bf16: SnapKV fits next to 16 GB of weights, the full cache not
-    snap = predict_generation_peak(cfg, 512 * 1024, 2048 + 256, 1, 2, 8192, window=32, device_type="cuda")
-    full = predict_generation_peak(cfg, 512 * 1024, 512 * 1024 + 256, 1, 2, 8192, device_type="cuda")
-    on_cpu = predict_generation_peak(cfg, 512 * 1024, 2048 + 256, 1, 2, 8192, window=32, device_type="cpu")
-    assert on_cpu.parts["attention mask"] == 8192 * 512 * 1024 * 9 and snap.parts["attention mask"] == 0
-    assert snap.parts["KV cache"] == (2048 + 256) * 32 * 2 * 8 * 128 * 2
-    assert full.parts["KV cache"] == (512 * 1024 + 256) * 65536 * 2  # 64 GiB: the full cache alone
-    assert snap.total < 16 * 2**30 < full.total
+    class Spy:
+        tail_queries = 8
+
+        def store(self, layer, q, k, v):
+            seen.append(k.nbytes + v.nbytes)
+
+    with torch.no_grad():
+        llm.model(torch.randint(3, 256, (1, 150)), ctx=Spy(), chunk_size=32)
+    assert seen == [predicted.parts["one layer's K/V"]] * cfg.num_layers
 
 
 def test_longer_than_trained_needs_opt_in(tmp_path):

@@ -1,4 +1,5 @@
-"""engine.sampler / SamplingParams: filtering on known distributions, seeds, and validation."""
+"""engine.sampler / SamplingParams: the hash, sampled distributions against softmax and filter_logits, per-request
+reproducibility independent of the batch, exact greedy rows, compiled == eager, and validation."""
 
 import math
 
@@ -6,7 +7,29 @@ import pytest
 import torch
 
 from engine import SamplingParams
-from engine.sampler import filter_logits, make_generator, sample_tokens
+from engine.sampler import (filter_logits, filtered_sample_tokens, greedy_tokens, gumbel_noise, hash32,
+                            sample_tokens)
+
+
+def lowbias32(x: int) -> int:
+    x &= 0xFFFFFFFF
+    x ^= x >> 16
+    x = (x * 0x21F0AAAD) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x735A2D97) & 0xFFFFFFFF
+    return x ^ (x >> 15)
+
+
+def rows(batch, temperature=1.0, top_k=0, top_p=1.0, seed=0, index=0):
+    """Per-row parameter tensors, each argument a scalar (broadcast) or a list of length batch."""
+    def col(v, dtype):
+        return torch.tensor(v if isinstance(v, list) else [v] * batch, dtype=dtype)
+    return (col(temperature, torch.float32), col(top_k, torch.int64), col(top_p, torch.float32),
+            col(seed, torch.int64), col(index, torch.int64))
+
+
+def frequencies(tokens, vocab_size):
+    return torch.bincount(tokens, minlength=vocab_size).float() / len(tokens)
 
 
 def test_top_p_on_a_known_distribution():
@@ -28,27 +51,139 @@ def test_top_k():
     assert torch.isfinite(out).tolist() == [[False, True, True, False], [False, False, True, True]]
 
 
-def test_top_k_1_equals_greedy_and_seeds():
+def test_hash32_matches_a_python_reference():
+    gen = torch.Generator().manual_seed(0)
+    values = torch.cat([torch.tensor([0, 1, 2, 0xFFFF, 0x10000, 2**31 - 1, 2**31, 2**32 - 2, 2**32 - 1]),
+                        torch.tensor([1 << i for i in range(32)]),
+                        torch.randint(0, 2**32, (950,), generator=gen)])
+    assert hash32(values).tolist() == [lowbias32(v) for v in values.tolist()]
+    # the input is taken mod 2^32, so a full 64-bit seed can be passed to it
+    big = torch.tensor([2**62 + 12345, 2**63 - 1])
+    assert hash32(big).tolist() == [lowbias32(12345), lowbias32(2**32 - 1)]
+
+
+def test_noise_is_standard_gumbel():
+    g = gumbel_noise(torch.arange(200), torch.zeros(200, dtype=torch.int64), 1000)
+    assert g.shape == (200, 1000) and g.dtype == torch.float32 and torch.isfinite(g).all()
+    assert abs(g.mean().item() - 0.5772) < 0.01  # Euler-Mascheroni constant
+    assert abs(g.var().item() - math.pi**2 / 6) < 0.03
+
+
+LOGITS5 = torch.tensor([2.0, 1.2, 0.9, 0.1, -0.8])
+N = 20000
+
+
+@pytest.mark.parametrize("vary", ["seed", "index"])
+def test_temperature_sampling_matches_softmax(vary):
+    t = 0.7
+    steps = torch.arange(N)
+    seed, index = (steps, torch.zeros(N, dtype=torch.int64)) if vary == "seed" else (torch.full((N,), 42), steps)
+    tokens = sample_tokens(LOGITS5.expand(N, 5), torch.full((N,), t), seed, index)
+    assert (frequencies(tokens, 5) - (LOGITS5 / t).softmax(-1)).abs().max() < 0.015
+    temperature, top_k, top_p, _, _ = rows(N, t)
+    filtered = filtered_sample_tokens(LOGITS5.expand(N, 5), temperature, top_k, top_p, seed, index)
+    assert torch.equal(filtered, tokens)
+
+
+def test_top_k_sampling_keeps_the_best_k_with_renormalized_probabilities():
+    t = 0.7
+    temperature, top_k, top_p, _, index = rows(N, t, top_k=2)
+    tokens = filtered_sample_tokens(LOGITS5.expand(N, 5), temperature, top_k, top_p, torch.arange(N), index)
+    expected = torch.zeros(5)
+    expected[:2] = (LOGITS5[:2] / t).softmax(-1)
+    freq = frequencies(tokens, 5)
+    assert freq[2:].sum() == 0
+    assert (freq - expected).abs().max() < 0.015
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 0.75), (0, 0.9), (3, 0.9)])
+def test_top_p_sampling_keeps_the_nucleus_of_filter_logits(top_k, top_p):
+    t = 0.7
+    reference = filter_logits(LOGITS5 / t, top_k, top_p)
+    nucleus = torch.isfinite(reference)
+    assert 1 < nucleus.sum() < 5  # the test would prove nothing if the nucleus were one token or everything
+    temperature, top_ks, top_ps, _, index = rows(N, t, top_k, top_p)
+    tokens = filtered_sample_tokens(LOGITS5.expand(N, 5), temperature, top_ks, top_ps, torch.arange(N), index)
+    freq = frequencies(tokens, 5)
+    assert freq[~nucleus].sum() == 0
+    assert (freq - reference.softmax(-1)).abs().max() < 0.015
+
+
+def test_a_request_draws_the_same_tokens_in_any_batch_row():
     torch.manual_seed(0)
-    logits = torch.randn(3, 1000) * 3
-    greedy = logits.argmax(-1).tolist()
-    p1 = SamplingParams(temperature=1.0, top_k=1, seed=7)
-    assert sample_tokens(logits, [p1] * 3, [make_generator(7, torch.device("cpu"))] * 3) == greedy
-    p = SamplingParams(temperature=1.0)
-    draw = lambda seed: sample_tokens(logits, [p] * 3, [make_generator(seed, torch.device("cpu"))] * 3)  # noqa
-    assert draw(1) == draw(1)
-    assert draw(1) != draw(2)
-    # a finished slot gives -1 and consumes nothing
-    assert sample_tokens(logits, [None, SamplingParams(), None], [None] * 3) == [-1, greedy[1], -1]
+    vocab = 1000
+    checked, not_argmax = 0, 0
+    for case in range(20):
+        row = torch.randn(vocab) * 2
+        seed, index = [0, 7, 2**32 + 7, 2**63 - 1][case % 4], case * 13
+        t, k, p = [(1.0, 0, 1.0), (1.3, 50, 1.0), (0.9, 0, 0.9), (1.5, 200, 0.95)][case % 4]
+        alone = rows(1, t, k, p, seed, index)
+        batch = torch.randn(8, vocab) * 3
+        batch[5] = row
+        others = rows(8, torch.rand(8).tolist(), torch.randint(0, 20, (8,)).tolist(),
+                      (torch.rand(8) * 0.5 + 0.5).tolist(), torch.randint(0, 2**62, (8,)).tolist(),
+                      torch.randint(0, 100, (8,)).tolist())
+        for column, value in zip(others, alone):
+            column[5] = value[0]
+        token = filtered_sample_tokens(row[None], *alone)[0]
+        assert filtered_sample_tokens(batch, *others)[5] == token
+        if k == 0 and p == 1.0:
+            assert sample_tokens(row[None], alone[0], alone[3], alone[4])[0] == token
+            assert sample_tokens(batch, others[0], others[3], others[4])[5] == token
+        checked += 1
+        not_argmax += int(token != row.argmax())
+    assert checked == 20 and not_argmax >= 10  # the rows really sample
 
 
-def test_temperature_sharpens():
-    logits = torch.tensor([[2.0, 1.0, 0.0]])
-    gen = make_generator(0, torch.device("cpu"))
-    cold = [sample_tokens(logits, [SamplingParams(temperature=0.05)], [gen])[0] for _ in range(200)]
-    hot = [sample_tokens(logits, [SamplingParams(temperature=5.0)], [gen])[0] for _ in range(400)]
-    assert cold.count(0) == 200
-    assert min(hot.count(i) for i in range(3)) > 60  # near uniform
+def test_different_seeds_and_indices_give_different_sequences():
+    torch.manual_seed(1)
+    logits = torch.randn(1000).expand(50, 1000)
+    steps = torch.arange(50)
+
+    def sequence(seed):
+        return sample_tokens(logits, torch.ones(50), torch.full((50,), seed), steps)
+
+    a = sequence(1)
+    assert torch.equal(a, sequence(1))
+    assert len(set(a.tolist())) > 30  # the index changes the draw within one request
+    for other in (2, 1 + 2**32, 2**63 - 1):  # both halves of the seed count
+        assert (sequence(other) == a).sum() < 5
+
+
+def test_greedy_rows_are_exact_argmax_beside_sampling_rows():
+    torch.manual_seed(2)
+    logits = torch.randn(8, 500) * 0.1  # flat, so sampling rows almost never hit the argmax by chance
+    temperature, top_k, top_p, seed, index = rows(8, [0.0, 1.0, 2.0, 0.0, 1.0, 0.0, 5.0, 1.0],
+                                                  [0, 5, 0, 3, 100, 0, 0, 1], [1.0, 1.0, 0.5, 0.9, 0.8, 0.5, 1.0, 1.0],
+                                                  list(range(8)), [3] * 8)
+    argmax = greedy_tokens(logits)
+    assert torch.equal(argmax, logits.argmax(-1))
+    filtered = filtered_sample_tokens(logits, temperature, top_k, top_p, seed, index)
+    plain = sample_tokens(logits, temperature, seed, index)
+    greedy = temperature == 0
+    assert torch.equal(filtered[greedy], argmax[greedy]) and torch.equal(plain[greedy], argmax[greedy])
+    assert filtered[7] == argmax[7]  # top_k 1 is greedy too
+    assert (filtered[~greedy] != argmax[~greedy]).sum() >= 3  # of the 4 rows that really sample
+    # half precision logits are cast, not rejected
+    assert torch.equal(filtered_sample_tokens(logits.half(), temperature, top_k, top_p, seed, index)[greedy],
+                       logits.half().float().argmax(-1)[greedy])
+
+
+def test_compiled_matches_eager():
+    torch.manual_seed(3)
+    logits = torch.randn(8, 64) * 2
+    temperature, top_k, top_p, seed, index = rows(
+        8, [0.0, 0.5, 1.0, 1.0, 2.0, 0.8, 1.0, 1.2], [0, 0, 5, 0, 10, 3, 0, 64], [1.0, 1.0, 1.0, 0.8, 0.9, 0.7, 0.95, 1.0],
+        [0, 1, 2, 3, 2**40, 5, 2**63 - 1, 7], list(range(8)))
+    filtered = torch.compile(filtered_sample_tokens, fullgraph=True, dynamic=False)
+    plain = torch.compile(sample_tokens, fullgraph=True, dynamic=False)
+    # scalar C++ kernels: what is tested is the full graph and its tokens; vectorizing the int64 hash adds ~50 s of gcc
+    with torch._inductor.config.patch({"cpp.simdlen": 1}):
+        for step in range(3):
+            assert torch.equal(filtered(logits, temperature, top_k, top_p, seed, index + step),
+                               filtered_sample_tokens(logits, temperature, top_k, top_p, seed, index + step))
+            assert torch.equal(plain(logits, temperature, seed, index + step),
+                               sample_tokens(logits, temperature, seed, index + step))
 
 
 def test_sampled_text_is_reproducible(smol_dir):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from models.loader import gguf_tensors, load_config, load_model
+from models.loader import load_config, load_model
 from tests.conftest import ROOT
 
 PROMPT_TEXT = (ROOT / "examples" / "long_prompt.txt").read_text()
@@ -39,13 +39,18 @@ def max_diff(a, b, windows):
     return worst
 
 
-def test_logits_vs_transformers_gguf(ours, smol_gguf, token_windows):
+@pytest.fixture(scope="module")
+def hf_from_gguf(smol_gguf):
+    """transformers' own GGUF loader: an independent dequantization and un-permutation of the same file."""
     from transformers import AutoModelForCausalLM
 
+    return AutoModelForCausalLM.from_pretrained(smol_gguf.parent, gguf_file=smol_gguf.name,
+                                                dtype=torch.float32).eval()
+
+
+def test_logits_vs_transformers_gguf(ours, hf_from_gguf, token_windows):
     assert all(len(w) >= 500 for w in token_windows)
-    ref = AutoModelForCausalLM.from_pretrained(smol_gguf.parent, gguf_file=smol_gguf.name,
-                                               dtype=torch.float32).eval()
-    assert max_diff(ours, ref, token_windows) <= 1e-3
+    assert max_diff(ours, hf_from_gguf, token_windows) <= 1e-3
 
 
 def test_logits_vs_transformers_on_converted_directory(ours, smol_dir, token_windows):
@@ -57,19 +62,21 @@ def test_logits_vs_transformers_on_converted_directory(ours, smol_dir, token_win
     assert max_diff(from_dir, ref, token_windows[:1]) <= 1e-3
 
 
-def test_converted_directory_is_exact(smol_dir, smol_gguf):
+def test_converted_directory_is_exact(smol_dir, smol_gguf, hf_from_gguf):
+    """The converter's safetensors hold exactly the tensors that transformers' GGUF loader makes of the file."""
     cfg = load_config(smol_gguf)
     assert load_config(smol_dir) == cfg
     meta = json.loads((smol_dir / "config.json").read_text())
     assert meta["architectures"] == ["LlamaForCausalLM"] and meta["tie_word_embeddings"] is True
     assert (cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size) == (30, 9, 3, 64, 49152)
+    reference = hf_from_gguf.state_dict()
     with safe_open(smol_dir / "model.safetensors", framework="pt") as f:
         stored = set(f.keys())
-        for _, name, tensor in gguf_tensors(smol_gguf, cfg):
-            if name in ("model.embed_tokens.weight", "model.layers.7.self_attn.k_proj.weight",
-                        "model.layers.29.mlp.down_proj.weight", "model.norm.weight"):
-                got = f.get_tensor(name)
-                assert got.dtype == torch.float32 and torch.equal(got, tensor), name
+        for name in ("model.embed_tokens.weight", "model.layers.7.self_attn.q_proj.weight",
+                     "model.layers.7.self_attn.k_proj.weight", "model.layers.29.mlp.down_proj.weight",
+                     "model.norm.weight"):
+            got = f.get_tensor(name)
+            assert got.dtype == torch.float32 and torch.equal(got, reference[name]), name
     assert len(stored) == 2 + 30 * 9
     tok_cfg = json.loads((smol_dir / "tokenizer_config.json").read_text())
     assert "<|im_start|>" in tok_cfg["chat_template"]

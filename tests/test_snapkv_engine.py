@@ -7,16 +7,17 @@ import weakref
 import pytest
 import torch
 
-import engine.llm as llm_module
+import engine.model_runner as runner_module
 from engine import LLM, SamplingParams
 from engine.cache_views import PrefillView
-from models.attention import causal_mask, prefill_attention
+from engine.llm import DEFAULT_NEW_TOKENS
+from models.attention import causal_mask
 from snapkv import SnapKVConfig, snapkv_select
 from tests.conftest import tiny_model_dir
 
 
-def tiny(tmp_path, kind="llama", snapkv=None, **overrides):
-    return LLM(tiny_model_dir(tmp_path, kind, **overrides), snapkv=snapkv, max_batch_size=4)
+def tiny(tmp_path, kind="llama", snapkv=None, max_kv_len=None, **overrides):
+    return LLM(tiny_model_dir(tmp_path, kind, **overrides), snapkv=snapkv, max_batch_size=4, max_kv_len=max_kv_len)
 
 
 @pytest.fixture
@@ -24,53 +25,58 @@ def caches(monkeypatch):
     """Every KVCache the engine allocates, to check sizes and contents after a run."""
     made = []
 
-    class Recorded(llm_module.KVCache):
+    class Recorded(runner_module.KVCache):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             made.append(self)
 
-    monkeypatch.setattr(llm_module, "KVCache", Recorded)
+    monkeypatch.setattr(runner_module, "KVCache", Recorded)
     return made
 
 
 class Capture:
-    """An attention context that records each layer's post-RoPE q/k/v of a plain full forward."""
+    """A prefill context that records each layer's post-RoPE q (all of them), k and v."""
 
-    def __init__(self, sliding_window=None):
+    def __init__(self, length):
+        self.tail_queries = length
         self.q, self.k, self.v = [], [], []
-        self.sliding_window = sliding_window
 
-    def attend(self, layer, q, k, v):
-        self.q.append(q), self.k.append(k), self.v.append(v)
-        return prefill_attention(q, k, v, self.sliding_window)
+    def store(self, layer, q, k, v):
+        self.q.append(q), self.k.append(k.clone()), self.v.append(v.clone())
 
 
-class MaskedReference:
-    """Full attention over the whole sequence, except that queries after the prompt see, per layer and kv head, only
-    the kept prompt positions (plus all generated tokens): what a compressed cache must be equivalent to."""
-
-    def __init__(self, kept, prompt_len, sliding_window=None):
-        self.kept, self.prompt_len, self.sliding_window = kept, prompt_len, sliding_window
-
-    def attend(self, layer, q, k, v):
-        heads, kv_heads, length = q.shape[1], k.shape[1], k.shape[2]
-        mask = causal_mask(length, length, q.device, self.sliding_window).repeat(kv_heads, 1, 1)
-        for h in range(kv_heads):
-            dropped = torch.ones(self.prompt_len, dtype=torch.bool)
-            dropped[self.kept[layer][h]] = False
-            mask[h, self.prompt_len:, : self.prompt_len] &= ~dropped
-        mask = mask.repeat_interleave(heads // kv_heads, dim=0)[None]
+def masked_reference_logits(model, ids, kept, prompt_len, sliding_window=None):
+    """A plain full forward built from the model's own modules, except that queries after the prompt see, per
+    layer and kv head, only the kept prompt positions (plus every generated token): what decoding from a
+    compressed cache must be equivalent to. No cache and no engine code."""
+    x = model.model.embed_tokens(ids)
+    length = ids.shape[1]
+    cos, sin = model.rotary(torch.arange(length)[None], x.dtype)
+    for layer, block in enumerate(model.model.layers):
+        attn = block.self_attn
+        h = block.input_layernorm(x)
+        q, (k, v) = attn.project_q(h, cos, sin), attn.project_kv(h, cos, sin)
+        heads, kv_heads = q.shape[1], k.shape[1]
+        mask = causal_mask(length, length, q.device, sliding_window).repeat(kv_heads, 1, 1)
+        for head in range(kv_heads):
+            dropped = torch.ones(prompt_len, dtype=torch.bool)
+            dropped[kept[layer][head]] = False
+            mask[head, prompt_len:, :prompt_len] &= ~dropped
         group = heads // kv_heads
-        return torch.nn.functional.scaled_dot_product_attention(
-            q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), attn_mask=mask)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
+            attn_mask=mask.repeat_interleave(group, dim=0)[None])
+        x = x + attn.output(out)
+        x = x + block.mlp(block.post_attention_layernorm(x))
+    return model.lm_head(model.model.norm(x))
 
 
 def reference_greedy(model, prompt, kept, n, sliding_window=None):
     ids = list(prompt)
-    ctx = MaskedReference(kept, len(prompt), sliding_window)
     with torch.no_grad():
         for _ in range(n):
-            ids.append(int(model(torch.tensor([ids]), ctx=ctx)[0, -1].argmax()))
+            logits = masked_reference_logits(model, torch.tensor([ids]), kept, len(prompt), sliding_window)
+            ids.append(int(logits[0, -1].argmax()))
     return ids[len(prompt):]
 
 
@@ -85,7 +91,7 @@ def test_compressed_decode_equals_masked_full_attention(tmp_path, caches, kind, 
     out = llm.generate(prompt_token_ids=[prompt], sampling_params=SamplingParams(max_tokens=24, ignore_eos=True),
                        return_kept=True)[0]
     # the selection is exactly snapkv_select on each layer's own q/k (tested against the plain reference)
-    capture = Capture(overrides.get("sliding_window"))
+    capture = Capture(len(prompt))
     with torch.no_grad():
         llm.model(torch.tensor([prompt]), ctx=capture)
     for layer, kept in enumerate(out.kept):
@@ -100,12 +106,12 @@ def test_compressed_decode_equals_masked_full_attention(tmp_path, caches, kind, 
 
 def test_storage_is_budget_per_layer_and_kv_head(tmp_path, caches):
     cfg = SnapKVConfig(budget=64, window=16, kernel=7)
-    llm = tiny(tmp_path, "llama", snapkv=cfg, num_key_value_heads=2, num_hidden_layers=3)
+    llm = tiny(tmp_path, "llama", snapkv=cfg, max_kv_len=74, num_key_value_heads=2, num_hidden_layers=3)
     prompt = list(range(3, 203))
     out = llm.generate(prompt_token_ids=[prompt], sampling_params=SamplingParams(max_tokens=10, ignore_eos=True),
                        return_kept=True)[0]
     cache = caches[0]
-    assert cache.k.shape == (3, 1, 2, 128, 16)  # kv heads, not query heads; capacity: budget + new, rounded to 64
+    assert cache.k.shape == (3, 4, 2, 74, 16)  # kv heads, not query heads; 4 slots of budget + new tokens
     assert len(out.kept) == 3
     for kept in out.kept:
         assert kept.shape == (2, 64)
@@ -115,34 +121,48 @@ def test_storage_is_budget_per_layer_and_kv_head(tmp_path, caches):
     assert out.stats["kv_bytes"] == 3 * 2 * 2 * 16 * (64 + 10) * 4
     assert out.stats["full_kv_bytes"] == 3 * 2 * 2 * 16 * (200 + 10) * 4
     assert int(cache.lengths[0]) == 64 + 9  # the last sampled token is never stored
+    # one entry more than a slot holds is refused with the numbers, before anything runs
+    with pytest.raises(ValueError, match=r"needs 75 cache entries \(200-token prompt, 64 kept, max_tokens 11\) "
+                                         r"but a slot holds 74; lower max_tokens \(-n\) to at most 10"):
+        llm.add_request(prompt_token_ids=prompt, sampling_params=SamplingParams(max_tokens=11))
 
 
 def test_only_one_layer_holds_full_length_kv(tmp_path, caches, monkeypatch):
     """During prefill the full-length K/V of a layer are gone before the next layer's attention runs, and the
-    static cache the code allocates has room for budget + new tokens, not for the prompt."""
+    static cache the engine allocates has room for budget + new tokens, whatever the prompt's length."""
     alive = []
-    original = PrefillView.attend
+    original = PrefillView.store
 
-    def spying_attend(self, layer, q, k, v):
+    def spying_store(self, layer, q, k, v):
         still_there = [r for r in alive if r() is not None]
         assert not still_there, f"layer {layer}: full-length K of an earlier layer is still alive"
         alive.append(weakref.ref(k))
         return original(self, layer, q, k, v)
 
-    monkeypatch.setattr(PrefillView, "attend", spying_attend)
-    llm = tiny(tmp_path, "llama", snapkv=SnapKVConfig(budget=32, window=8), num_hidden_layers=4)
-    llm.generate(prompt_token_ids=[list(range(3, 253))], sampling_params=SamplingParams(max_tokens=4))
+    monkeypatch.setattr(PrefillView, "store", spying_store)
+    llm = tiny(tmp_path, "llama", snapkv=SnapKVConfig(budget=32, window=8), num_hidden_layers=4,
+               max_position_embeddings=8192)
+    llm.generate(prompt_token_ids=[list(range(3, 253)) * 12], sampling_params=SamplingParams(max_tokens=4))
     assert len(alive) == 4
-    assert caches[0].capacity == 64 < 250  # budget + new tokens (36), rounded up to a multiple of 64
+    assert caches[0].capacity == 32 + DEFAULT_NEW_TOKENS < 250 * 12
 
 
-def test_short_prompts_identical_to_full_cache(smol_dir):
+def test_prompts_up_to_the_budget_identical_to_full_cache(smol_dir):
+    """The boundary of "a prompt of length <= budget is kept whole": at exactly the budget, tokens equal the full
+    cache's; one token past it, the prompt is compressed to the budget."""
+    full = LLM(smol_dir, max_batch_size=2)
     prompts = ["What is the capital of France?", "Write a haiku about the sea."]
-    full = LLM(smol_dir).generate(prompts, SamplingParams(max_tokens=32), chat=True)
-    snap = LLM(smol_dir, snapkv=SnapKVConfig(budget=64, window=8)).generate(prompts, SamplingParams(max_tokens=32),
-                                                                            chat=True)
-    assert [o.token_ids for o in snap] == [o.token_ids for o in full]
-    assert all(o.stats["kept_tokens"] == o.stats["prompt_tokens"] for o in snap)
+    ids = [full.encode_prompt(p, chat=True) for p in prompts]
+    budget = max(len(i) for i in ids)
+    longest = max(ids, key=len)
+    ids.append(longest[:-1] + ids[0][:1] + longest[-1:])  # one token more, the chat suffix kept last
+    params = SamplingParams(max_tokens=32)
+    expected = full.generate(prompt_token_ids=ids, sampling_params=params)
+    snap = LLM(smol_dir, snapkv=SnapKVConfig(budget=budget, window=8), max_batch_size=2)
+    got = snap.generate(prompt_token_ids=ids, sampling_params=params)
+    assert [o.token_ids for o in got[:2]] == [o.token_ids for o in expected[:2]]
+    assert [o.stats["kept_tokens"] for o in got] == [len(ids[0]), len(ids[1]), budget]
+    assert got[2].stats["prompt_tokens"] == budget + 1
 
 
 def test_budget_equal_to_prompt_is_identical_and_batches_mix(tmp_path):

@@ -2,56 +2,72 @@
 
 Prefill is the same computation whatever the selection policy (compression only changes what decode sees), so a
 prompt is prefilled once with a capture context that keeps every layer's k/v, its last queries (enough for the
-widest SnapKV window) and the last-position logits. Each
-policy then selects from the captured tensors exactly as `engine.cache_views.PrefillView` would, fills a fresh
-`KVCache` and decodes greedily with the engine's own `DecodeStep`, which makes the answers token-identical to
-`LLM(..., snapkv=cfg).generate(...)` (tests/test_eval.py checks it). The full-cache decode also records its decode
-queries so the attention-mass recall of any policy's kept positions can be measured without another forward pass.
+widest SnapKV window) and the last-position logits. Each policy then runs as an ordinary request of the engine's
+own loop (`LLM.add_request(..., snapkv=cfg)` + `LLM.step()`), with one difference: while `decode_many` runs, the
+runner's prompt forward is a replay of the capture — each layer's captured tensors handed to the request's
+`PrefillView.store`, exactly what the real forward hands it — instead of a new forward pass. Selection, storage,
+the decode step, sampling and stopping are the engine's, so the answers are token-identical to
+`LLM(..., snapkv=cfg).generate(...)` (tests/test_eval.py checks it). The full cache's decode can also record its
+decode queries, so the attention-mass recall of any policy's kept positions needs no other forward pass.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from engine.cache_views import PrefillView
-from engine.decode_step import DecodeStep
-from engine.kv_cache import KVCache
-from engine.llm import CAPACITY_MULTIPLE
-from models.attention import prefill_attention
+from engine import SamplingParams
 from snapkv.config import SnapKVConfig
-from snapkv.policies import make_policy
 
 
 class _CaptureContext:
-    """AttentionContext for the one shared prefill: ordinary attention, plus a copy of each layer's k/v and its
-    last `tail_queries` queries (all a selection policy reads). It runs the engine's own prefill path: whole-prompt
-    attention (`attend`) or, for prompts longer than the LLM's prefill chunk, the chunked one (`store`)."""
+    """AttentionContext for the one shared prefill: keeps each layer's k/v and its last `tail_queries` queries
+    (all a selection policy reads). It runs the engine's own prefill path (same chunking)."""
 
-    def __init__(self, sliding_window: int | None, tail_queries: int):
-        self.sliding_window, self.tail_queries = sliding_window, tail_queries
+    def __init__(self, tail_queries: int):
+        self.tail_queries = tail_queries
         self.qkv: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
-    def attend(self, layer, q, k, v):
-        self.store(layer, q, k, v)
-        return prefill_attention(q, k, v, self.sliding_window)
-
     def store(self, layer, q, k, v):
-        self.qkv.append((q[:, :, -self.tail_queries:], k, v))
+        self.qkv.append((q, k, v))
+
+
+class _ReplayedPrompt:
+    """Stands in for the model in `ModelRunner.prefill`: hands the captured tensors to the request's view."""
+
+    def __init__(self, prefilled: "PrefilledPrompt"):
+        self.prefilled = prefilled
+
+    def __call__(self, input_ids, ctx, last_only, chunk_size):
+        if input_ids[0].tolist() != self.prefilled.prompt_ids:
+            raise RuntimeError("decode_many only replays its own prompt; run other requests outside it")
+        for layer, (q, k, v) in enumerate(self.prefilled.qkv):
+            ctx.store(layer, q, k, v)
+        return self.prefilled.first_logits[:, None]
 
 
 class _QueryRecorder:
-    """Wraps a DecodeView to keep each decode step's post-RoPE queries (for attention-mass recall)."""
+    """Wraps a decode step's view to keep one request's post-RoPE decode queries (for attention-mass recall)."""
 
-    def __init__(self, view, layers: int):
-        self.view = view
-        self.queries: list[list[torch.Tensor]] = [[] for _ in range(layers)]
+    def __init__(self, view, seq, queries: list[list[torch.Tensor]]):
+        self.view, self.seq, self.queries = view, seq, queries
+
+    def __getattr__(self, name):
+        return getattr(self.view, name)
+
+    def __setattr__(self, name, value):  # the step sets `span` on what it believes is its view
+        if name == "span":
+            self.view.span = value
+        else:
+            super().__setattr__(name, value)
 
     def attend(self, layer, q, k, v):
-        self.queries[layer].append(q[:1, :, 0].clone())  # slot 0 only: [1, H, D]
+        if self.seq.slot is not None:
+            self.queries[layer].append(q[self.seq.slot, :, 0].clone())  # [H, D]
         return self.view.attend(layer, q, k, v)
 
 
@@ -59,7 +75,7 @@ class _QueryRecorder:
 class Decoded:
     token_ids: list[int]
     kept: list[torch.Tensor]  # per layer [kv_heads, n] kept prompt positions (all of them for the full cache)
-    queries: list[torch.Tensor] | None = field(default=None, repr=False)  # per layer [steps, H, D]; slot 0 only
+    queries: list[torch.Tensor] | None = field(default=None, repr=False)  # per layer [steps, H, D]
 
 
 class PrefilledPrompt:
@@ -68,80 +84,77 @@ class PrefilledPrompt:
     def __init__(self, llm, prompt_ids: list[int], max_window: int = 64):
         """max_window: the largest SnapKV window that will be decoded (the capture keeps that many queries)."""
         self.llm = llm
-        self.prompt_ids = list(prompt_ids)
+        self.prompt_ids = llm._check_prompt(prompt_ids)
         self.max_window = max_window
-        llm._check_prompt(self.prompt_ids)
-        ctx = _CaptureContext(llm.config.sliding_window, max_window)
+        ctx = _CaptureContext(max_window)
         with torch.inference_mode():
             ids = torch.tensor([self.prompt_ids], device=llm.device)
-            # the same chunking as LLM._prefill, so the prefill computation is the engine's own
+            # the same chunking as the engine's prefill, so the computation is the engine's own
             self.first_logits = llm.model(ids, ctx=ctx, last_only=True,
-                                          chunk_size=llm.prefill_chunk_size)[:, -1]
+                                          chunk_size=llm.prefill_chunk_size)[:, -1].float()
         self.qkv = ctx.qkv
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
 
-    @torch.inference_mode()
     def decode(self, cfg: SnapKVConfig | None, max_tokens: int, ignore_eos: bool = False,
                record_queries: bool = False) -> Decoded:
         """Greedy tokens exactly as `LLM(..., snapkv=cfg).generate` would produce them (None = full cache)."""
         return self.decode_many([cfg], max_tokens, ignore_eos, record_queries)[0]
 
-    @torch.inference_mode()
     def decode_many(self, cfgs: list[SnapKVConfig | None], max_tokens: int, ignore_eos: bool = False,
                     record_queries: bool = False, done: Callable[[list[int]], bool] | None = None) -> list[Decoded]:
-        """Greedy decoding under several policies at once, one batch slot each: on a CPU one step for 32 slots
-        costs far less than 32 single-slot steps (it is overhead-bound), which is what makes the sweep cheap.
-        With one config the cache has LLM._run's shape, so the result is token-identical to LLM.generate;
-        with several, the shared capacity pads the attention differently, which can only move float rounding.
-        `done(tokens)`, if given, ends a slot early (the sweep stops once the answer is complete)."""
-        llm, config = self.llm, self.llm.config
+        """Greedy decoding under several policies at once, one request (one batch slot) each, through the
+        engine's continuous-batching loop: on a CPU one step for many slots costs far less than as many
+        single-slot steps. `record_queries` keeps the first config's decode queries. `done(tokens)`, if given,
+        ends a request early (the sweep stops once the answer is complete)."""
+        llm = self.llm
         too_wide = [c.window for c in cfgs if c is not None and c.policy == "snapkv" and c.window > self.max_window]
         if too_wide:
             raise ValueError(f"window {too_wide[0]} exceeds the {self.max_window} queries captured at prefill; "
                              f"build PrefilledPrompt(..., max_window={too_wide[0]})")
-        policies = [make_policy(cfg) for cfg in cfgs]
-        t = len(self.prompt_ids)
-        max_new = min(max_tokens, llm.max_model_len - t)
-        kept_lens = [p.kept_length(t) for p in policies]
-        # LLM._run rounds capacity up the same way; equal capacity keeps even float rounding identical
-        capacity = -(-(max(kept_lens) + max_new) // CAPACITY_MULTIPLE) * CAPACITY_MULTIPLE
-        cache = KVCache(config.num_layers, len(cfgs), config.num_kv_heads, capacity, config.head_dim, llm.dtype,
-                        llm.device, track_positions=config.sliding_window is not None)
-        # the engine's own store path, one batch slot per policy (as LLM._prefill fills its slots)
-        views = [PrefillView(cache, slot, policy, config.sliding_window, record_kept=True)
-                 for slot, policy in enumerate(policies)]
-        for layer, (q, k, v) in enumerate(self.qkv):
-            for view in views:
-                view.store(layer, q, k, v)
-        kept = [view.kept for view in views]
-        step = DecodeStep(llm.model, cache)
-        recorder = None
-        if record_queries:
-            recorder = _QueryRecorder(step.view, config.num_layers)
-            step.view = recorder
-        first = int(self.first_logits.argmax(-1)[0])
-        tokens = [[first] for _ in cfgs]
-        live = [ignore_eos or first not in llm.eos_ids for _ in cfgs]
-        for slot, kept_len in enumerate(kept_lens):
-            cache.lengths[slot] = kept_len
-            step.tokens[slot], step.positions[slot], step.active[slot] = first, t, int(live[slot])
-        produced = 1
-        while any(live) and produced < max_new:
-            logits = step()
-            produced += 1
-            for slot, token in enumerate(logits.argmax(-1).tolist()):
-                if not live[slot]:
-                    continue
-                tokens[slot].append(token)
-                step.tokens[slot] = token
-                if (not ignore_eos and token in llm.eos_ids) or (done is not None and done(tokens[slot])):
-                    live[slot] = False
-                    step.active[slot] = 0
-        queries = [torch.stack(qs)[:, 0] if qs else None for qs in recorder.queries] if recorder else None
-        return [Decoded(toks, kp, queries if slot == 0 else None)
-                for slot, (toks, kp) in enumerate(zip(tokens, kept))]
+        if llm.has_unfinished():
+            raise RuntimeError("decode_many needs the engine to itself; finish or abort the other requests first")
+        params = SamplingParams(max_tokens=max_tokens, ignore_eos=ignore_eos)
+        queries: list[list[torch.Tensor]] = [[] for _ in range(llm.config.num_layers)]
+        with self._replaying():
+            rids = [llm.add_request(prompt_token_ids=self.prompt_ids, sampling_params=params, snapkv=cfg,
+                                    return_kept=True) for cfg in cfgs]
+            with self._recording(llm.scheduler.find(rids[0]), queries, record_queries):
+                finals = {}
+                while llm.has_unfinished():
+                    for out in llm.step():
+                        if out.finished:
+                            finals[out.request_id] = out
+                        elif done is not None and done(out.token_ids):
+                            seq = llm.scheduler.find(out.request_id)
+                            llm.abort(out.request_id)
+                            finals[out.request_id] = out
+                            out.kept = seq.kept
+        recorded = [torch.stack(qs) if qs else None for qs in queries] if record_queries else None
+        return [Decoded(finals[rid].token_ids, finals[rid].kept, recorded if i == 0 else None)
+                for i, rid in enumerate(rids)]
+
+    @contextmanager
+    def _replaying(self):
+        runner = self.llm.runner
+        model, runner.model = runner.model, _ReplayedPrompt(self)  # decode steps keep their own model reference
+        try:
+            yield
+        finally:
+            runner.model = model
+
+    @contextmanager
+    def _recording(self, seq, queries, enabled: bool):
+        steps = self.llm.runner.steps.values() if enabled else ()
+        views = {step: step.view for step in steps}
+        for step, view in views.items():
+            step.view = _QueryRecorder(view, seq, queries)
+        try:
+            yield
+        finally:
+            for step, view in views.items():
+                step.view = view
 
 
 def attention_recall(prefilled: PrefilledPrompt, full_queries: list[torch.Tensor],

@@ -26,14 +26,14 @@ RECALL_STEPS = 8  # attention-mass recall uses the queries of this many generate
 
 def load_llm(model: str | Path, threads: int):
     """The engine's LLM on CPU, float32, with a bounded thread count (the machine is shared: oversubscribed
-    OpenMP threads make everything several times slower)."""
+    OpenMP threads make everything several times slower) and 16 slots, so that many policies decode at once."""
     from engine import LLM
 
     path = Path(model)
     if not path.exists():
         raise SystemExit(f"error: model not found: {path} (run `make weights` to fetch the default model)")
     torch.set_num_threads(threads)
-    return LLM(path, device="cpu", dtype="float32")
+    return LLM(path, device="cpu", dtype="float32", max_batch_size=16)
 
 
 def token_counter(llm):
@@ -136,8 +136,7 @@ def evaluate(llm, cases: list[tuple[str, Case]], specs: list[PolicySpec], out: P
                     continue
                 out_ = ref if spec.cfg is None else decoded[spec.name]
                 text = llm.tokenizer.decode(out_.token_ids, skip_special_tokens=True)
-                recall = [1.0] * len(out_.kept) if spec.cfg is None else \
-                    attention_recall(prefilled, ref.queries, out_.kept, RECALL_STEPS)
+                recall = attention_recall(prefilled, ref.queries, out_.kept, RECALL_STEPS)
                 kept = len(prefilled) if spec.cfg is None else min(len(prefilled), spec.cfg.budget)
                 cfg = spec.cfg
                 row = dict(key=key, group=group, task=case.task, seed=case.seed, length=case.length,

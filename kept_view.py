@@ -1,6 +1,7 @@
-"""What SnapKV kept: a self-contained HTML page of the prompt, each token shaded by the share of (layer, kv head)
-pairs that kept it, and a PNG heatmap of layers x prompt positions. Input is the per-layer kept positions that
-`LLM.generate(..., return_kept=True)` returns; nothing here knows about models."""
+"""What SnapKV kept, for people: a self-contained HTML page of the prompt, each token shaded by the share of
+(layer, kv head) pairs that kept it, and a PNG heatmap of layers x prompt positions (matplotlib). Input is the
+per-layer kept positions that `LLM.generate(..., return_kept=True)` returns. A front-end module beside cli.py:
+the snapkv/ package stays pure tensor code."""
 
 from __future__ import annotations
 

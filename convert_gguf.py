@@ -1,10 +1,10 @@
-"""Convert a GGUF file into a standard HF model directory (config.json, float32 model.safetensors, tokenizer.json,
-tokenizer_config.json with the chat template) that both this engine and HF transformers load.
+"""snapkv-convert: turn a GGUF file into a standard HF model directory (config.json, float32 model.safetensors,
+tokenizer.json, tokenizer_config.json with the chat template) that both this engine and HF transformers load.
 
-    python -m models.convert IN.gguf OUT_DIR
+    snapkv-convert IN.gguf OUT_DIR          (or: python -m convert_gguf IN.gguf OUT_DIR)
 
-The safetensors hold exactly the dequantized GGUF values. This converter is the one place under models/ that uses
-engine/ (for the tokenizer): it is a command-line tool, not part of the network.
+The safetensors hold exactly the dequantized GGUF values. A command-line tool beside cli.py: it needs the network's
+loader (models/) and the tokenizer (engine/), so it sits above both rather than making models/ import engine/.
 """
 
 from __future__ import annotations
@@ -15,13 +15,12 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+from engine.tokenizer import Tokenizer
 from models.config import ModelConfig
 from models.loader import gguf_tensors, read_gguf_metadata
 
 
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
-    from engine.tokenizer import Tokenizer
-
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if not gguf_path.is_file():
         raise ValueError(f"{gguf_path}: no such GGUF file")
@@ -44,7 +43,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2:
-        print("usage: python -m models.convert IN.gguf OUT_DIR", file=sys.stderr)
+        print("usage: snapkv-convert IN.gguf OUT_DIR", file=sys.stderr)
         return 2
     try:
         out = convert_gguf(argv[0], argv[1])

@@ -1,0 +1,83 @@
+"""Scheduler: the waiting queue and the cache slots — continuous batching.
+
+The cache has a fixed number of slots. A request waits until a slot is free; each engine step admits waiting
+requests into free slots (the lowest free slot first, so live slots stay packed at the front and the decode
+step's batch bucket stays small) and prefills them before decoding every live slot. A step prefills either short
+prompts, oldest first, as many as fit a per-step token budget, or one long prompt (over the budget) alone; short
+ones go first, but a long one that was passed over gets the next step. So a short request that arrives behind
+long ones waits for at most the long prefill in progress, and a long one is never starved. A finished or aborted
+request frees its slot at once, and the next waiting request takes it at the next step while the others keep
+decoding. Whether a request can ever fit a slot (its cache entries, its prefill memory)
+is decided when it is added, by the `admission_check` the engine passes in (engine.memory_model), so a refusal
+comes before anything runs and never disturbs the other requests.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from typing import Callable
+
+from engine.sequence import Sequence, Status
+
+
+class Scheduler:
+    def __init__(self, num_slots: int, prefill_token_budget: int,
+                 admission_check: Callable[[Sequence], None] = lambda seq: None):
+        """admission_check(seq) raises ValueError, with the numbers and what to change, for a request that can
+        never run; prefill_token_budget: prompt tokens prefilled per step before decoding resumes."""
+        self.num_slots, self.prefill_token_budget = num_slots, prefill_token_budget
+        self.admission_check = admission_check
+        self.waiting: deque[Sequence] = deque()
+        self.running: dict[int, Sequence] = {}  # slot -> sequence
+        self.free_slots = list(range(num_slots))  # a heap
+        self.long_owed = False  # short prompts overtook a waiting long one: the next step is the long one's
+
+    def add(self, seq: Sequence) -> None:
+        self.admission_check(seq)
+        self.waiting.append(seq)
+
+    def admit(self) -> list[Sequence]:
+        """Move waiting requests into free slots for this step's prefill."""
+        if not self.waiting or not self.free_slots:
+            return []
+        budget = self.prefill_token_budget
+        shorts, tokens = [], 0
+        for seq in self.waiting:
+            n = len(seq.prompt_token_ids)
+            if n <= budget and tokens + n <= budget and len(shorts) < len(self.free_slots):
+                shorts.append(seq)
+                tokens += n
+        longs = [seq for seq in self.waiting if len(seq.prompt_token_ids) > budget]
+        if shorts and not (self.long_owed and longs):
+            chosen, self.long_owed = shorts, bool(longs)
+        else:
+            chosen, self.long_owed = longs[:1], False
+        for seq in chosen:
+            self.waiting.remove(seq)
+            seq.slot, seq.status = heapq.heappop(self.free_slots), Status.RUNNING
+            self.running[seq.slot] = seq
+        return chosen
+
+    def release(self, seq: Sequence) -> None:
+        """A finished or aborted request gives its slot back."""
+        if seq.slot is not None and self.running.get(seq.slot) is seq:
+            del self.running[seq.slot]
+            heapq.heappush(self.free_slots, seq.slot)
+        seq.slot = None
+
+    def find(self, request_id: str) -> Sequence | None:
+        for seq in (*self.running.values(), *self.waiting):
+            if seq.request_id == request_id:
+                return seq
+        return None
+
+    def remove_waiting(self, seq: Sequence) -> None:
+        self.waiting.remove(seq)
+
+    def batch_slots(self) -> int:
+        """Slots the next decode step must cover: up to the highest live slot."""
+        return max(self.running) + 1 if self.running else 0
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
