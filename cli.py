@@ -31,8 +31,9 @@ def choices(name: str, values) -> type[Enum]:
     return Enum(name, {v: v for v in values}, type=str)
 
 
-Pooling, GroupAgg, Policy = (choices(n, CHOICES[k]) for n, k in (("Pooling", "pooling"), ("GroupAgg", "group_agg"),
-                                                                  ("Policy", "policy")))
+Pooling = choices("Pooling", CHOICES["pooling"])
+GroupAgg = choices("GroupAgg", CHOICES["group_agg"])
+Policy = choices("Policy", CHOICES["policy"])
 Device = choices("Device", DEVICES)
 DType = choices("DType", DTYPES)
 SNAPKV = SnapKVConfig()  # the defaults of every SnapKV flag

@@ -49,13 +49,20 @@ class PrefillView:
 class DecodeView:
     def __init__(self, cache: KVCache, positions: torch.Tensor, sliding_window: int | None):
         self.cache, self.positions, self.sliding_window = cache, positions, sliding_window
-        self.span = cache.capacity  # entries attention looks at; the step sets it before each forward
         self.backend = decode_backend(cache.device, needs_position_mask=sliding_window is not None)
+        self.begin_step(cache.capacity)
+
+    def begin_step(self, span: int) -> None:
+        """Before each step's forward: the entries attention looks at, and their mask, built once for all layers."""
+        self.span = span
+        self.visible = self.cache.visible(span)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         cache, span = self.cache, self.span
         cache.append(layer, k, v, self.positions)
         if self.backend == "flash":  # entries 0..lengths[b] are valid, the one just appended included
             return decode_attention(q, cache.k[layer], cache.v[layer], None, cache.lengths + 1, "flash")
-        valid = cache.valid(layer, self.positions, self.sliding_window, span)
+        valid = self.visible
+        if self.sliding_window is not None:
+            valid = valid & cache.in_window(layer, self.positions, self.sliding_window, span)
         return decode_attention(q, cache.k[layer, :, :, :span], cache.v[layer, :, :, :span], valid)

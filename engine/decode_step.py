@@ -31,11 +31,21 @@ class StepInputs:
         for name, dtype in self.FIELDS.items():
             setattr(self, name, torch.zeros(slots, dtype=dtype, device=device))
 
-    def prefix(self, batch: int) -> "StepInputs":
+    def rows(self, start: int, stop: int) -> "StepInputs":
+        """Slots start..stop-1, as views of the same buffers."""
         view = object.__new__(StepInputs)
         for name in self.FIELDS:
-            setattr(view, name, getattr(self, name)[:batch])
+            setattr(view, name, getattr(self, name)[start:stop])
         return view
+
+
+def next_tokens(mode: str, logits: torch.Tensor, x: StepInputs) -> torch.Tensor:
+    """The next token of each row of logits [B, V] under the rows' sampling settings (x: the same B slots)."""
+    if mode == "greedy":
+        return greedy_tokens(logits)
+    if mode == "sample":
+        return sample_tokens(logits, x.temperature, x.seed, x.index)
+    return filtered_sample_tokens(logits, x.temperature, x.top_k, x.top_p, x.seed, x.index)
 
 
 class DecodeStep:
@@ -44,11 +54,11 @@ class DecodeStep:
 
     def __init__(self, model: torch.nn.Module, cache: KVCache, inputs: StepInputs, batch: int):
         self.model, self.batch = model, batch
-        self.cache, self.inputs = cache.prefix(batch), inputs.prefix(batch)
+        self.cache, self.inputs = cache.prefix(batch), inputs.rows(0, batch)
         self.view = DecodeView(self.cache, self.inputs.positions, model.config.sliding_window)
 
     def _logits(self, span: int) -> torch.Tensor:
-        self.view.span = span
+        self.view.begin_step(span)
         return self.model.decode(self.inputs.tokens, self.inputs.positions, self.view).float()
 
     def _advance(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -60,16 +70,13 @@ class DecodeStep:
         return x.tokens
 
     def greedy(self, span: int) -> torch.Tensor:
-        return self._advance(greedy_tokens(self._logits(span)))
+        return self._advance(next_tokens("greedy", self._logits(span), self.inputs))
 
     def sample(self, span: int) -> torch.Tensor:
-        x = self.inputs
-        return self._advance(sample_tokens(self._logits(span), x.temperature, x.seed, x.index))
+        return self._advance(next_tokens("sample", self._logits(span), self.inputs))
 
     def filtered(self, span: int) -> torch.Tensor:
-        x = self.inputs
-        return self._advance(filtered_sample_tokens(self._logits(span), x.temperature, x.top_k, x.top_p, x.seed,
-                                                    x.index))
+        return self._advance(next_tokens("filtered", self._logits(span), self.inputs))
 
 
 def graph_capture_supported(device: torch.device) -> bool:

@@ -99,13 +99,15 @@ class KVCache:
         if self.positions is not None:
             self.positions[layer, self.slot_index, :, self.lengths] = positions.to(torch.int32)[:, None]
 
-    def valid(self, layer: int, positions: torch.Tensor, sliding_window: int | None, span: int) -> torch.Tensor:
-        """Bool [batch, 1 | kv_heads, span]: which of the first `span` entries the current decode queries may
-        attend to (including the one just appended at index lengths[b])."""
-        mask = (self.entry_index[None, :span] <= self.lengths[:, None])[:, None]
-        if sliding_window is not None and self.positions is not None:
-            mask = mask & (self.positions[layer, :, :, :span] > (positions - sliding_window)[:, None, None])
-        return mask
+    def visible(self, span: int) -> torch.Tensor:
+        """Bool [batch, 1, span]: which of the first `span` entries this decode step may attend to, the one it
+        appends at index lengths[b] included. The same in every layer, so a step builds it once."""
+        return (self.entry_index[None, :span] <= self.lengths[:, None])[:, None]
+
+    def in_window(self, layer: int, positions: torch.Tensor, sliding_window: int, span: int) -> torch.Tensor:
+        """Bool [batch, kv_heads, span]: the entries whose original position a sliding window still shows to
+        queries at `positions` (kept entries differ per layer and kv head, so this is per layer)."""
+        return self.positions[layer, :, :, :span] > (positions - sliding_window)[:, None, None]
 
     def advance(self, active: torch.Tensor) -> None:
         """After a decode step: live sequences grow by one; finished ones stay put (their slot is reused as is)."""

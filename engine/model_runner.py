@@ -16,10 +16,9 @@ import torch
 
 from engine.cache_views import PrefillView
 from engine.decode_step import (MODES, DecodeStep, GraphedStep, StepInputs, graph_capture_supported,
-                                new_graph_pool)
+                                new_graph_pool, next_tokens)
 from engine.kv_cache import KVCache
 from engine.memory_model import PeakMeter
-from engine.sampler import filtered_sample_tokens, greedy_tokens, sample_tokens
 from engine.sequence import Sequence
 
 SPAN_MULTIPLE = 64  # eager attention spans are rounded up, so the kernels see few distinct lengths
@@ -82,15 +81,7 @@ class ModelRunner:
         p = seq.params
         x.temperature[slot], x.top_k[slot], x.top_p[slot] = p.temperature if not p.greedy else 0.0, p.top_k, p.top_p
         x.seed[slot], x.index[slot] = seq.seed, 0
-        rows = slice(slot, slot + 1)
-        mode = seq.sampling_mode
-        if mode == "greedy":
-            first = greedy_tokens(logits)
-        elif mode == "sample":
-            first = sample_tokens(logits, x.temperature[rows], x.seed[rows], x.index[rows])
-        else:
-            first = filtered_sample_tokens(logits, x.temperature[rows], x.top_k[rows], x.top_p[rows],
-                                           x.seed[rows], x.index[rows])
+        first = next_tokens(seq.sampling_mode, logits, x.rows(slot, slot + 1))  # as the step would, at token index 0
         self.cache.lengths[slot] = view.kept_length
         x.tokens[slot], x.positions[slot], x.index[slot], x.active[slot] = first[0], len(ids), 1, 1
         token = int(first[0])

@@ -48,12 +48,12 @@ def test_prefill_append_and_validity():
     assert torch.equal(cache.k[1, 0, :, 3], torch.full((2, 4), 7.0))  # slot 0 appended at its length 3
     assert torch.equal(cache.k[1, 1, :, 0], torch.full((2, 4), 7.0))  # slot 1 at 0
     assert cache.positions[1, 0].tolist() == [[0, 5, 9, 10, 0, 0, 0, 0], [1, 2, 9, 10, 0, 0, 0, 0]]
-    valid = cache.valid(1, torch.tensor([10, 0]), sliding_window=None, span=8)
-    assert valid[:, 0].int().tolist() == [[1, 1, 1, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0, 0, 0]]
-    windowed = cache.valid(1, torch.tensor([10, 0]), sliding_window=6, span=8)  # sees positions > 4
+    visible = cache.visible(span=8)
+    assert visible[:, 0].int().tolist() == [[1, 1, 1, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0, 0, 0]]
+    windowed = visible & cache.in_window(1, torch.tensor([10, 0]), sliding_window=6, span=8)  # positions > 4
     assert windowed[0].int().tolist() == [[0, 1, 1, 1, 0, 0, 0, 0], [0, 0, 1, 1, 0, 0, 0, 0]]
-    narrowed = cache.valid(1, torch.tensor([10, 0]), sliding_window=6, span=5)  # eager decode's span
-    assert narrowed[0].int().tolist() == [[0, 1, 1, 1, 0], [0, 0, 1, 1, 0]]
+    narrowed = cache.visible(span=5) & cache.in_window(1, torch.tensor([10, 0]), sliding_window=6, span=5)
+    assert narrowed[0].int().tolist() == [[0, 1, 1, 1, 0], [0, 0, 1, 1, 0]]  # eager decode's span
     cache.advance(torch.tensor([1, 0]))
     assert cache.lengths.tolist() == [4, 0]
     for _ in range(10):

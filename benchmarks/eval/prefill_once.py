@@ -56,14 +56,8 @@ class _QueryRecorder:
     def __init__(self, view, seq, queries: list[list[torch.Tensor]]):
         self.view, self.seq, self.queries = view, seq, queries
 
-    def __getattr__(self, name):
-        return getattr(self.view, name)
-
-    def __setattr__(self, name, value):  # the step sets `span` on what it believes is its view
-        if name == "span":
-            self.view.span = value
-        else:
-            super().__setattr__(name, value)
+    def begin_step(self, span: int) -> None:
+        self.view.begin_step(span)
 
     def attend(self, layer, q, k, v):
         if self.seq.slot is not None:
