@@ -129,11 +129,48 @@ def check_output_path(path: Path, flag: str) -> Path:
     return target
 
 
+# The flags snapkv-run and snapkv-serve share: the model, the SnapKV settings and how the engine runs.
+MODEL = typer.Option(None, "--model", "-m", help="HF-style model directory or .gguf file.",
+                     show_default="weights/SmolLM2-135M-Instruct")
+BUDGET = typer.Option(SNAPKV.budget, help=HELP["budget"])
+NO_SNAPKV = typer.Option(False, "--no-snapkv", help="Keep the full KV cache.")
+WINDOW = typer.Option(SNAPKV.window, help=HELP["window"])
+KERNEL = typer.Option(SNAPKV.kernel, help=HELP["kernel"])
+POOLING = typer.Option(SNAPKV.pooling, help=HELP["pooling"])
+GROUP_AGG = typer.Option(SNAPKV.group_agg, "--group-agg", help=HELP["group_agg"])
+POLICY = typer.Option(SNAPKV.policy, help=HELP["policy"])
+DEVICE = typer.Option("cpu", help="Where to run.")
+DTYPE = typer.Option("float32", help="Weights and KV-cache dtype.")
+CUDA_GRAPH = typer.Option(True, "--cuda-graph/--no-cuda-graph", help="On CUDA, replay the decode step as captured "
+                          "CUDA graphs (--no-cuda-graph: eager).")
+COMPILE = typer.Option(False, "--compile", help="Run the decode step through torch.compile (a slow start; with CUDA "
+                       "graphs on, the compiled step is what gets captured).")
+PREFILL_CHUNK = typer.Option(None, "--prefill-chunk", help="Prefill the prompt layer by layer in chunks of this "
+                             "many tokens (bounds prefill memory).", show_default="4096 on cuda, 512 on cpu")
+ALLOW_LONGER_CONTEXT = typer.Option(False, "--allow-longer-context", help="Accept prompts longer than the model's "
+                                    "max_position_embeddings.")
+
+
+def resolve_model(model: Path | None) -> Path:
+    path = model or DEFAULT_MODEL
+    if not path.exists():
+        hint = " (run `make weights` to fetch the default model)" if model is None else ""
+        raise UserError(f"model not found: {path}{hint}")
+    return path
+
+
+def snapkv_from_flags(no_snapkv: bool, budget: int, window: int, kernel: int, pooling: Enum, group_agg: Enum,
+                      policy: Enum) -> SnapKVConfig | None:
+    if no_snapkv:
+        return None
+    return SnapKVConfig(budget=budget, window=window, kernel=kernel, pooling=pooling.value,
+                        group_agg=group_agg.value, policy=policy.value)
+
+
 @app.command(help="Generate an answer for the prompt in the --prompt file (or stdin).")
 def run(
     prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt file (UTF-8 text); '-' reads stdin."),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="HF-style model directory or .gguf file.",
-                                         show_default="weights/SmolLM2-135M-Instruct"),
+    model: Optional[Path] = MODEL,
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n", help="Most tokens to generate."),
     temperature: float = typer.Option(0.0, help="0 = greedy."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (1 = off)."),
@@ -141,24 +178,19 @@ def run(
     seed: Optional[int] = typer.Option(None, help="Seed for sampling (reproducible output)."),
     stop: Optional[list[str]] = typer.Option(None, "--stop", help="Stop string (repeatable)."),
     chat: bool = typer.Option(True, "--chat/--no-chat", help="Wrap the prompt in the model's chat template."),
-    budget: int = typer.Option(SNAPKV.budget, help=HELP["budget"]),
-    no_snapkv: bool = typer.Option(False, "--no-snapkv", help="Keep the full KV cache."),
-    window: int = typer.Option(SNAPKV.window, help=HELP["window"]),
-    kernel: int = typer.Option(SNAPKV.kernel, help=HELP["kernel"]),
-    pooling: Pooling = typer.Option(SNAPKV.pooling, help=HELP["pooling"]),
-    group_agg: GroupAgg = typer.Option(SNAPKV.group_agg, "--group-agg", help=HELP["group_agg"]),
-    policy: Policy = typer.Option(SNAPKV.policy, help=HELP["policy"]),
-    device: Device = typer.Option("cpu", help="Where to run."),
-    dtype: DType = typer.Option("float32", help="Weights and KV-cache dtype."),
-    cuda_graph: bool = typer.Option(True, "--cuda-graph/--no-cuda-graph", help="On CUDA, replay the decode step "
-                                    "as captured CUDA graphs (--no-cuda-graph: eager)."),
-    compile_step: bool = typer.Option(False, "--compile", help="Run the decode step through torch.compile (a slow "
-                                      "start; with CUDA graphs on, the compiled step is what gets captured)."),
-    prefill_chunk: Optional[int] = typer.Option(None, "--prefill-chunk", help="Prefill the prompt layer by layer "
-                                                "in chunks of this many tokens (bounds prefill memory).",
-                                                show_default="4096 on cuda, 512 on cpu"),
-    allow_longer_context: bool = typer.Option(False, "--allow-longer-context", help="Accept prompts longer "
-                                              "than the model's max_position_embeddings."),
+    budget: int = BUDGET,
+    no_snapkv: bool = NO_SNAPKV,
+    window: int = WINDOW,
+    kernel: int = KERNEL,
+    pooling: Pooling = POOLING,
+    group_agg: GroupAgg = GROUP_AGG,
+    policy: Policy = POLICY,
+    device: Device = DEVICE,
+    dtype: DType = DTYPE,
+    cuda_graph: bool = CUDA_GRAPH,
+    compile_step: bool = COMPILE,
+    prefill_chunk: Optional[int] = PREFILL_CHUNK,
+    allow_longer_context: bool = ALLOW_LONGER_CONTEXT,
     stats: bool = typer.Option(False, "--stats", help="Print token counts, KV bytes, speeds and memory to stderr."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (text + stats) instead."),
     show_kept: Optional[Path] = typer.Option(None, "--show-kept", help="Write an HTML page (and a .png heatmap "
@@ -166,17 +198,13 @@ def run(
 ):
     from engine import LLM, SamplingParams
 
-    model_path = model or DEFAULT_MODEL
-    if not model_path.exists():
-        hint = " (run `make weights` to fetch the default model)" if model is None else ""
-        raise UserError(f"model not found: {model_path}{hint}")
+    model_path = resolve_model(model)
     if show_kept is not None:
         check_output_path(show_kept, "--show-kept")
     text = read_prompt(prompt)
     params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                             seed=seed, stop=list(stop or []))
-    snapkv = None if no_snapkv else SnapKVConfig(budget=budget, window=window, kernel=kernel, pooling=pooling.value,
-                                                 group_agg=group_agg.value, policy=policy.value)
+    snapkv = snapkv_from_flags(no_snapkv, budget, window, kernel, pooling, group_agg, policy)
     # one request: a slot sized for it (the full cache takes the model's length, bounded by memory)
     max_kv_len = snapkv.budget + max_new_tokens if snapkv is not None and snapkv.policy != "full" else None
     with ProgressDisplay(enabled=not as_json) as display:
@@ -220,8 +248,14 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_app(app, argv)
+
+
+def run_app(command: typer.Typer, argv: list[str] | None) -> int:
+    """Run a typer app the way every snapkv command ends: a user's mistake is one line on stderr and exit code
+    2, Ctrl-C is one line and 130, never a traceback."""
     try:
-        code = app(args=argv, standalone_mode=False)
+        code = command(args=argv, standalone_mode=False)
     except typer.Exit as e:
         return e.exit_code
     except typer.Abort:

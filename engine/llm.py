@@ -91,6 +91,7 @@ class LLM:
         self._lock = threading.RLock()  # one step at a time; generate/stream from other threads join the loop
         self._ids = itertools.count()
         self._unclaimed: list[RequestOutput] = []  # outputs of add_request requests produced by others' steps
+        self.last_decode_s: float | None = None  # how long the latest decode step took (for the server's metrics)
 
     def _capacity(self, max_kv_len: int | None) -> int:
         if max_kv_len is not None:
@@ -135,6 +136,12 @@ class LLM:
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary (size {self.config.vocab_size})")
         return ids
+
+    def room_for(self, prompt_len: int, snapkv: SnapKVConfig | None = ENGINE_POLICY) -> int:
+        """The most tokens a request with a prompt of this length may ask for: what is left of the model's
+        positions and of a slot once the prompt's kept entries are in (the admission check's first two limits)."""
+        policy = self.policy if snapkv is ENGINE_POLICY else make_policy(snapkv)
+        return min(self.max_model_len - prompt_len, self.runner.capacity - policy.kept_length(prompt_len))
 
     def _admission_check(self, seq: Sequence) -> None:
         """Refuse, before anything runs, a request that can never fit: positions, slot capacity, prefill memory."""
@@ -193,6 +200,16 @@ class LLM:
         with self._lock:
             return self.scheduler.has_unfinished() or bool(self._unclaimed)
 
+    def load(self) -> dict:
+        """What the engine holds now: running and waiting requests, and the KV bytes of the running ones, kept
+        and as a full cache would hold them (for the server's metrics)."""
+        with self._lock:
+            running = list(self.scheduler.running.values())
+            per_entry = self.config.kv_bytes_per_token(self.dtype.itemsize)
+            return {"running": len(running), "waiting": len(self.scheduler.waiting),
+                    "kv_bytes": per_entry * sum(s.cache_entries for s in running),
+                    "full_kv_bytes": per_entry * sum(len(s.prompt_token_ids) + len(s.token_ids) for s in running)}
+
     def abort(self, request_id: str) -> bool:
         """Drop a waiting or running request; its slot is free for the next one at once. False if unknown."""
         with self._lock:
@@ -221,23 +238,41 @@ class LLM:
 
     def _step(self) -> None:
         moved: dict[str, Sequence] = {}
+        self.last_decode_s = None
         for seq in self.scheduler.admit():
             seq.stats["queue_s"] = _since(seq.arrival)
-            seq.append(self.runner.prefill(seq))
             moved[seq.request_id] = seq
+            try:
+                seq.append(self.runner.prefill(seq))
+            except Exception as e:  # one request's failure (out of memory, say) must not stop the others
+                self._fail([seq], "prefill", e)
             if seq.finish_reason:
                 self._retire(seq)
         live = list(self.scheduler.running.values())
         if live:
-            tokens = self.runner.decode(live)
+            start = time.perf_counter()
+            try:
+                tokens = self.runner.decode(live)
+            except Exception as e:  # the step is shared: its requests fail, the engine serves the next ones
+                tokens = None
+                self._fail(live, "decode step", e)
+            self.last_decode_s = _since(start)
             for seq in live:
-                seq.append(tokens[seq.slot])
+                if tokens is not None:
+                    seq.append(tokens[seq.slot])
                 moved[seq.request_id] = seq
                 if seq.finish_reason:
                     self._retire(seq)
         for seq in moved.values():
             out = seq.output()
             (seq.mailbox if seq.mailbox is not None else self._unclaimed).append(out)
+
+    def _fail(self, seqs: list[Sequence], stage: str, error: Exception) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        for seq in seqs:
+            seq.error = f"{stage} failed: {type(error).__name__}: {error}"
+            seq.finish("error")
 
     def _retire(self, seq: Sequence) -> None:
         """Free the slot of a finished (or aborted) request and record what its cache cost."""

@@ -57,6 +57,7 @@ class Sequence:
         self.token_ids: list[int] = []
         self.reported = 0  # tokens already handed out in an output
         self.finish_reason: str | None = None
+        self.error: str | None = None  # set with finish_reason "error": what went wrong while it ran
         self.cache_entries = 0  # host mirror of the slot's cache length: what the decode span must cover
         self.kept: list[torch.Tensor] | None = None
         self.arrival = time.perf_counter()
@@ -104,5 +105,5 @@ class Sequence:
         self.reported = len(self.token_ids)
         done = self.finish_reason is not None
         return RequestOutput(self.request_id, self.prompt_token_ids, list(self.token_ids), self.detokenizer.text,
-                             self.detokenizer.take_new_text(), new_ids, self.finish_reason,
+                             self.detokenizer.take_new_text(), new_ids, self.finish_reason, self.error,
                              stats=dict(self.stats) if done else {}, kept=self.kept if done else None)

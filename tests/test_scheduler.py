@@ -153,6 +153,36 @@ def test_capacity_refusal_leaves_the_others_alone(tiny_path):
                                              sampling_params=SamplingParams(max_tokens=5))[0].token_ids
 
 
+def test_a_failing_request_fails_alone_and_the_engine_goes_on(tiny_path, monkeypatch):
+    llm = LLM(tiny_path, max_batch_size=2)
+    prompts = random_prompts(3, seed=5)
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    expected = [llm.generate(prompt_token_ids=[p], sampling_params=params)[0].token_ids for p in prompts]
+    real_prefill = llm.runner.prefill
+
+    def prefill(seq):
+        if seq.prompt_token_ids == prompts[1]:
+            raise RuntimeError("out of memory (injected)")
+        return real_prefill(seq)
+
+    monkeypatch.setattr(llm.runner, "prefill", prefill)
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=params)
+    assert outs[1].finish_reason == "error" and outs[1].token_ids == []
+    assert outs[1].error == "prefill failed: RuntimeError: out of memory (injected)"
+    assert [outs[0].token_ids, outs[2].token_ids] == [expected[0], expected[2]]
+    assert not llm.scheduler.running and sorted(llm.scheduler.free_slots) == [0, 1]
+
+    def decode(live):  # a shared step that fails takes its requests down, not the engine
+        raise RuntimeError("device error (injected)")
+
+    monkeypatch.setattr(llm.runner, "decode", decode)
+    outs = llm.generate(prompt_token_ids=[prompts[0], prompts[2]], sampling_params=params)
+    assert [o.finish_reason for o in outs] == ["error", "error"] and [len(o.token_ids) for o in outs] == [1, 1]
+    assert outs[0].error == "decode step failed: RuntimeError: device error (injected)"
+    monkeypatch.undo()
+    assert llm.generate(prompt_token_ids=[prompts[2]], sampling_params=params)[0].token_ids == expected[2]
+
+
 def test_threads_and_interleaved_streams_never_mix_outputs(smol_dir):
     llm = LLM(smol_dir, max_batch_size=4)
     prompts = ["List the first ten prime numbers.", "What is the capital of France?",
