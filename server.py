@@ -179,13 +179,12 @@ class Metrics:
         self.ttft_seconds = Histogram("snapkv_time_to_first_token_seconds", "From arrival to the first token",
                                       buckets=(.05, .1, .25, .5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320), registry=r)
 
-    def render(self, llm: LLM) -> bytes:
-        load = llm.load()
+    def record_load(self, load: dict) -> None:
+        """The engine thread's view after each change (a scrape never waits for a step)."""
         self.running.set(load["running"])
         self.waiting.set(load["waiting"])
         self.kv_bytes.set(load["kv_bytes"])
         self.full_kv_bytes.set(load["full_kv_bytes"])
-        return generate_latest(self.registry)
 
 
 # --- the engine thread ----------------------------------------------------------------------------------------
@@ -241,6 +240,7 @@ class EngineLoop:
                 raise QueueFull
             self.llm.add_request(prompt_token_ids=prompt_token_ids, sampling_params=params, request_id=rid,
                                  snapkv=snapkv)
+            self.metrics.record_load(self.llm.load())
 
     def abort(self, rid: str) -> None:
         self.aborts.put(rid)
@@ -252,6 +252,7 @@ class EngineLoop:
                 rid = self.aborts.get()
                 self.llm.abort(rid)
                 self.streams.pop(rid, None)
+            self.metrics.record_load(self.llm.load())  # after every step, abort and idle second
             if self.deadline is not None and time.monotonic() >= self.deadline:
                 for out in self._fail_all("the server is shutting down"):
                     self._deliver(out)
@@ -364,8 +365,8 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_waitin
                                             "owned_by": "snapkv", "max_model_len": llm.max_model_len}]}
 
     @app.get("/metrics")
-    def prometheus():  # a plain def: FastAPI runs it in a worker thread, as llm.load() waits for the step lock
-        return Response(metrics.render(llm), media_type=CONTENT_TYPE_LATEST)
+    async def prometheus():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatBody, request: Request):

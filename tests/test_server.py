@@ -253,6 +253,9 @@ def test_full_queue_gets_429_and_a_disconnect_frees_the_slot(one_slot):
     stream = long_stream(client)
     next(iter(stream))  # the one slot is taken
     wait_for(lambda: one_slot.metric("snapkv_requests_running") == 1)
+    kept, full = (one_slot.metric(f"snapkv_kv_cache_{k}_bytes") for k in ("kept", "full_equivalent"))
+    assert 0 < kept <= full and kept % (30 * 2 * 3 * 64 * 4) == 0  # whole entries of SmolLM2's float32 cache
+    assert one_slot.metric("snapkv_time_to_first_token_seconds_count") >= 1
     waiting: dict = {}
     worker = threading.Thread(target=lambda: waiting.update(out=chat(client, "Say hi.", max_tokens=3)))
     worker.start()
@@ -264,7 +267,9 @@ def test_full_queue_gets_429_and_a_disconnect_frees_the_slot(one_slot):
     assert waiting["out"].choices[0].finish_reason in ("length", "stop")
     assert one_slot.metric("snapkv_requests_total", status="499") == 1
     assert one_slot.metric("snapkv_requests_total", status="429") == 1
-    assert one_slot.metric("snapkv_requests_running") == 0
+    wait_for(lambda: one_slot.metric("snapkv_requests_running") == 0)
+    assert one_slot.metric("snapkv_decode_step_seconds_count") >= 3
+    assert one_slot.metric("snapkv_generation_tokens_total") >= 3
 
 
 def test_sigterm_cancels_what_runs_and_exits(one_slot):
