@@ -151,8 +151,11 @@ def test_ctrl_c_exits_130_with_one_line(tmp_path):
     prompt = tmp_path / "p.txt"
     prompt.write_text("Tell me a very long story about a lighthouse keeper and the sea.")
     exe = ROOT / ".venv" / "bin" / "snapkv-run"
+    # a terminal's Ctrl-C: SIGINT at its default, even when the suite itself runs in the background (a
+    # non-interactive shell starts background jobs with SIGINT ignored, and Python then keeps it ignored)
     proc = subprocess.Popen([str(exe), "--prompt", str(prompt), "-n", "2000", "--no-snapkv"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.stdout.read(1)  # the answer has started to stream
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
