@@ -84,6 +84,7 @@ class LLM:
         limit = self.config.max_position_embeddings
         self.max_model_len = (max_model_len or 1 << 31) if allow_longer_context else min(max_model_len or limit, limit)
         self.eos_ids = set(self.tokenizer.eos_token_ids) | set(self.config.eos_token_ids)
+        self.kv_bytes_per_entry = self.config.kv_bytes_per_token(self.dtype.itemsize)
         self.runner = ModelRunner(self.model, max_batch_size, self._capacity(max_kv_len), prefill_chunk_size,
                                   cuda_graph=cuda_graph, compile=compile)
         self.max_kv_len = self.runner.capacity
@@ -96,8 +97,8 @@ class LLM:
     def _capacity(self, max_kv_len: int | None) -> int:
         if max_kv_len is not None:
             return max_kv_len  # KVCache refuses it, with the numbers, if it does not fit
-        per_entry = self.config.kv_bytes_per_token(self.dtype.itemsize)
-        fits = int(available_memory_bytes(self.device) * CACHE_MEMORY_SHARE) // (self.max_batch_size * per_entry)
+        fits = int(available_memory_bytes(self.device) * CACHE_MEMORY_SHARE) // (self.max_batch_size *
+                                                                                 self.kv_bytes_per_entry)
         compressed = self.snapkv is not None and self.snapkv.policy != "full"
         wanted = self.snapkv.budget + DEFAULT_NEW_TOKENS if compressed else self.max_model_len
         capacity = min(wanted, self.max_model_len, fits)
@@ -205,7 +206,7 @@ class LLM:
         and as a full cache would hold them (for the server's metrics)."""
         with self._lock:
             running = list(self.scheduler.running.values())
-            per_entry = self.config.kv_bytes_per_token(self.dtype.itemsize)
+            per_entry = self.kv_bytes_per_entry
             return {"running": len(running), "waiting": len(self.scheduler.waiting),
                     "kv_bytes": per_entry * sum(s.cache_entries for s in running),
                     "full_kv_bytes": per_entry * sum(len(s.prompt_token_ids) + len(s.token_ids) for s in running)}
@@ -279,8 +280,7 @@ class LLM:
         if seq.slot is not None:
             self.runner.release(seq.slot)
             self.scheduler.release(seq)
-        per_entry = self.config.kv_bytes_per_token(self.dtype.itemsize)
-        generated = len(seq.token_ids)
+        per_entry, generated = self.kv_bytes_per_entry, len(seq.token_ids)
         seq.stats.update(kv_bytes=per_entry * (seq.stats.get("kept_tokens", 0) + generated),
                          full_kv_bytes=per_entry * (len(seq.prompt_token_ids) + generated),
                          ttft_s=seq.first_token_at - seq.arrival if seq.first_token_at else None)
