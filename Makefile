@@ -32,7 +32,7 @@ $(WEIGHTS)/model.safetensors: $(GGUF) | install
 	$(PY) -m convert_gguf $(GGUF) $(WEIGHTS)
 
 demo: install weights
-	$(VENV)/bin/snapkv-run --model $(WEIGHTS) --prompt examples/long_prompt.txt --max-new-tokens 48 --stats
+	$(VENV)/bin/snapkv-run --model $(WEIGHTS) --prompt examples/long_prompt.txt --max-new-tokens 48 --compare --stats
 
 test: install weights
 	$(VENV)/bin/pytest -q tests

@@ -139,6 +139,7 @@ KERNEL = typer.Option(SNAPKV.kernel, help=HELP["kernel"])
 POOLING = typer.Option(SNAPKV.pooling, help=HELP["pooling"])
 GROUP_AGG = typer.Option(SNAPKV.group_agg, "--group-agg", help=HELP["group_agg"])
 POLICY = typer.Option(SNAPKV.policy, help=HELP["policy"])
+SINK_TOKENS = typer.Option(None, "--sink-tokens", help=HELP["sink_tokens"], show_default=False)
 DEVICE = typer.Option("cpu", help="Where to run.")
 DTYPE = typer.Option("float32", help="Weights and KV-cache dtype.")
 CUDA_GRAPH = typer.Option(True, "--cuda-graph/--no-cuda-graph", help="On CUDA, replay the decode step as captured "
@@ -160,11 +161,22 @@ def resolve_model(model: Path | None) -> Path:
 
 
 def snapkv_from_flags(no_snapkv: bool, budget: int, window: int, kernel: int, pooling: Enum, group_agg: Enum,
-                      policy: Enum) -> SnapKVConfig | None:
+                      policy: Enum, sink_tokens: int | None = None) -> SnapKVConfig | None:
     if no_snapkv:
         return None
     return SnapKVConfig(budget=budget, window=window, kernel=kernel, pooling=pooling.value,
-                        group_agg=group_agg.value, policy=policy.value)
+                        group_agg=group_agg.value, policy=policy.value, sink_tokens=sink_tokens)
+
+
+def slot_entries(snapkv: SnapKVConfig | None, model_path: Path, max_new_tokens: int) -> int | None:
+    """Cache entries one request needs at most: the most any (layer, kv head) keeps, plus the new tokens (None
+    for the full cache: the engine sizes that from the model's length and free memory)."""
+    if snapkv is None or snapkv.policy == "full":
+        return None
+    from models.loader import load_config
+    from snapkv.policies import make_policy
+
+    return make_policy(snapkv, load_config(model_path).num_layers).kept_length(1 << 40) + max_new_tokens
 
 
 @app.command(help="Generate an answer for the prompt in the --prompt file (or stdin).")
@@ -185,6 +197,7 @@ def run(
     pooling: Pooling = POOLING,
     group_agg: GroupAgg = GROUP_AGG,
     policy: Policy = POLICY,
+    sink_tokens: Optional[int] = SINK_TOKENS,
     device: Device = DEVICE,
     dtype: DType = DTYPE,
     cuda_graph: bool = CUDA_GRAPH,
@@ -195,6 +208,8 @@ def run(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (text + stats) instead."),
     show_kept: Optional[Path] = typer.Option(None, "--show-kept", help="Write an HTML page (and a .png heatmap "
                                              "beside it) showing which prompt tokens SnapKV kept."),
+    compare: bool = typer.Option(False, "--compare", help="Answer with the full cache too (the same batch) and "
+                                 "print both answers, the tokens they share and the KV memory of each."),
 ):
     from engine import LLM, SamplingParams
 
@@ -204,18 +219,22 @@ def run(
     text = read_prompt(prompt)
     params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                             seed=seed, stop=list(stop or []))
-    snapkv = snapkv_from_flags(no_snapkv, budget, window, kernel, pooling, group_agg, policy)
+    snapkv = snapkv_from_flags(no_snapkv, budget, window, kernel, pooling, group_agg, policy, sink_tokens)
+    if compare and (snapkv is None or snapkv.policy == "full"):
+        raise UserError("--compare compares a compressed cache with the full one; drop --no-snapkv/--policy full")
     # one request: a slot sized for it (the full cache takes the model's length, bounded by memory)
-    max_kv_len = snapkv.budget + max_new_tokens if snapkv is not None and snapkv.policy != "full" else None
+    max_kv_len = None if compare else slot_entries(snapkv, model_path, max_new_tokens)
     with ProgressDisplay(enabled=not as_json) as display:
         display.stage(f"loading {model_path.name}")
-        llm = LLM(model_path, device=device.value, dtype=dtype.value, snapkv=snapkv, max_batch_size=1,
-                  max_kv_len=max_kv_len, cuda_graph=cuda_graph, compile=compile_step,
-                  prefill_chunk_size=prefill_chunk, allow_longer_context=allow_longer_context)
+        llm = LLM(model_path, device=device.value, dtype=dtype.value, snapkv=None if compare else snapkv,
+                  max_batch_size=2 if compare else 1, max_kv_len=max_kv_len, cuda_graph=cuda_graph,
+                  compile=compile_step, prefill_chunk_size=prefill_chunk, allow_longer_context=allow_longer_context)
         if chat and llm.tokenizer.chat_template is None:
             chat = False
             display.note("the model has no chat template; sending the prompt as plain text")
-        if show_kept is not None or as_json:
+        if compare:
+            full, out = run_both(llm, text, params, chat, snapkv, show_kept is not None, display.progress)
+        elif show_kept is not None or as_json:
             out = llm.generate(text, params, chat=chat, return_kept=show_kept is not None,
                                progress=display.progress)[0]
             if out.error:
@@ -227,7 +246,9 @@ def run(
                 sys.stdout.write(delta)
                 sys.stdout.flush()
             out = results[0]
-    if as_json:
+    if compare:
+        print_comparison(full, out, snapkv, llm.eos_ids, as_json)
+    elif as_json:
         print(json.dumps({"text": out.text, "finish_reason": out.finish_reason, "token_ids": out.token_ids,
                           "stats": out.stats}))
     else:
@@ -245,6 +266,41 @@ def run(
     if stats and not as_json:
         sys.stdout.flush()  # the answer first, then the figures
         print_stats(out.stats)
+
+
+def run_both(llm, text: str, params, chat: bool, snapkv: SnapKVConfig, return_kept: bool, progress):
+    """The same prompt with the full cache and with `snapkv`, two requests of one batch."""
+    full = llm.add_request(text, params, chat=chat, snapkv=None)
+    compressed = llm.add_request(text, params, chat=chat, snapkv=snapkv, return_kept=return_kept, progress=progress)
+    done = {}
+    while llm.has_unfinished():
+        done.update({o.request_id: o for o in llm.step() if o.finished})
+    for out in done.values():
+        if out.error:
+            raise UserError(out.error)
+    return done[full], done[compressed]
+
+
+def print_comparison(full, compressed, snapkv: SnapKVConfig, eos_ids, as_json: bool) -> None:
+    from engine.compare import first_difference, matched_tokens
+    from engine.kv_cache import format_bytes
+
+    n = max(len(full.token_ids), len(compressed.token_ids))
+    matched = matched_tokens(full.token_ids, compressed.token_ids, eos_ids, n)
+    differ = first_difference(full.token_ids, compressed.token_ids, eos_ids)
+    if as_json:
+        print(json.dumps({name: {"text": o.text, "token_ids": o.token_ids, "stats": o.stats}
+                          for name, o in (("full", full), ("compressed", compressed))} |
+                         {"matched_tokens": matched, "compared_tokens": n, "first_difference": differ}))
+        return
+    f, c = full.stats, compressed.stats
+    print(f"full cache: KV {format_bytes(f['kv_bytes'])}, all {f['prompt_tokens']} prompt tokens kept")
+    print(full.text.strip(), end="\n\n")
+    print(f"{snapkv.policy} (budget {snapkv.budget}): KV {format_bytes(c['kv_bytes'])}, "
+          f"{f['kv_bytes'] / c['kv_bytes']:.2f}x smaller, {c['kept_tokens']} entries per layer and kv head")
+    print(compressed.text.strip(), end="\n\n")
+    verdict = "the same answer" if differ is None else f"they first differ at token {differ + 1}"
+    print(f"matched tokens: {matched} of {n} at the same index ({verdict})")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,9 +34,9 @@ def kept_fractions(kept: Sequence[torch.Tensor], prompt_len: int) -> torch.Tenso
     """[layers, prompt_len]: per layer, the share of kv heads whose kept positions include each prompt position."""
     rows = []
     for layer in kept:
-        hits = torch.zeros(layer.shape[0], prompt_len)
-        hits.scatter_(1, layer.long(), 1.0)
-        rows.append(hits.mean(0))
+        hits = torch.zeros(layer.shape[0], prompt_len + 1)  # the last column takes the -1 padding of short rows
+        hits.scatter_(1, layer.long().masked_fill(layer < 0, prompt_len), 1.0)
+        rows.append(hits[:, :prompt_len].mean(0))
     return torch.stack(rows)
 
 

@@ -42,7 +42,7 @@ from engine.llm import ENGINE_POLICY
 from snapkv.config import SnapKVConfig
 
 log = logging.getLogger("snapkv.serve")
-SNAPKV_FIELDS = ("budget", "window", "kernel", "pooling", "group_agg", "policy")
+SNAPKV_FIELDS = ("budget", "window", "kernel", "pooling", "group_agg", "policy", "sink_tokens")
 
 
 # --- errors ---------------------------------------------------------------------------------------------------
@@ -559,6 +559,7 @@ def serve_command(
     pooling: cli.Pooling = cli.POOLING,
     group_agg: cli.GroupAgg = cli.GROUP_AGG,
     policy: cli.Policy = cli.POLICY,
+    sink_tokens: Optional[int] = cli.SINK_TOKENS,
     device: cli.Device = cli.DEVICE,
     dtype: cli.DType = cli.DTYPE,
     cuda_graph: bool = cli.CUDA_GRAPH,
@@ -577,7 +578,8 @@ def serve_command(
     model_path = cli.resolve_model(model)
     check_port_free(host, port)  # before the model loads, so a taken port fails in a second
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
-    snapkv = cli.snapkv_from_flags(no_snapkv, budget, window, kernel, pooling, group_agg, policy)
+    snapkv = cli.snapkv_from_flags(no_snapkv, budget, window, kernel, pooling, group_agg, policy,
+                                   sink_tokens)
     log.info("loading %s", model_path)
     llm = LLM(model_path, device=device.value, dtype=dtype.value, snapkv=snapkv, max_batch_size=max_batch_size,
               max_kv_len=max_kv_len, cuda_graph=cuda_graph, compile=compile_step, prefill_chunk_size=prefill_chunk,

@@ -1,12 +1,15 @@
 """KVCache: the static, preallocated key/value store that prefill fills and decode appends to.
 
-One buffer each for K and V, `[layers, slots, kv_heads, capacity, head_dim]`, plus `lengths[slots]`, the number of
-entries each slot holds (the same in every layer and kv head: SnapKV keeps `budget` entries everywhere). Shapes
-never change after allocation, which is what lets the decode step be captured as a CUDA graph; `prefix(b)` is a
-view of the first b slots (the same memory), which is what a decode step for a batch bucket of b runs on. Entries of a
-sequence need not be contiguous positions: after SnapKV they are the kept prompt positions, post-RoPE; `positions`
-records each entry's original position when the model has a sliding window and needs it. The size is checked
-against free memory before anything is allocated.
+One buffer each for K and V, `[layers, slots, kv_heads, capacity, head_dim]`, plus `lengths[layers, slots,
+kv_heads]`, the entries each (layer, slot, kv head) holds: its entries are a prefix of its own buffer row, and a
+decode step appends one entry to every row at that row's length. SnapKV keeps the same number everywhere; AdaKV and
+PyramidKV keep different numbers per kv head or per layer, which costs nothing in step time (the mask is per row
+anyway) and, in memory, only the slot's room for its largest row. Shapes never change after allocation, which is
+what lets the decode step be captured as a CUDA graph; `prefix(b)` is a view of the first b slots (the same memory),
+which is what a decode step for a batch bucket of b runs on. Entries of a sequence need not be contiguous
+positions: after SnapKV they are the kept prompt positions, post-RoPE; `positions` records each entry's original
+position when the model has a sliding window and needs it. The size is checked against free memory before anything
+is allocated.
 """
 
 from __future__ import annotations
@@ -61,9 +64,10 @@ class KVCache:
         self.capacity = capacity
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
+        self.lengths = torch.zeros(num_layers, slots, num_kv_heads, dtype=torch.long, device=device)
         self.positions = (torch.zeros(shape[:-1], dtype=torch.int32, device=device) if track_positions else None)
         self.slot_index = torch.arange(slots, device=device)
+        self.head_index = torch.arange(num_kv_heads, device=device)
         self.entry_index = torch.arange(capacity, device=device)
 
     def prefix(self, batch: int) -> "KVCache":
@@ -71,7 +75,7 @@ class KVCache:
         view = object.__new__(KVCache)
         view.__dict__.update(self.__dict__)
         view.shape = (self.shape[0], batch, *self.shape[2:])
-        view.k, view.v, view.lengths = self.k[:, :batch], self.v[:, :batch], self.lengths[:batch]
+        view.k, view.v, view.lengths = self.k[:, :batch], self.v[:, :batch], self.lengths[:, :batch]
         view.positions = self.positions[:, :batch] if self.positions is not None else None
         view.slot_index = self.slot_index[:batch]
         return view
@@ -83,26 +87,29 @@ class KVCache:
 
     def write_prefill(self, layer: int, slot: int, k: torch.Tensor, v: torch.Tensor,
                       positions: torch.Tensor) -> None:
-        """Store one sequence's kept entries for one layer: k/v [kv_heads, n, head_dim], positions [kv_heads, n]."""
+        """Store one sequence's kept entries for one layer: k/v [kv_heads, n, head_dim], positions [kv_heads, n]
+        (a row padded with -1 past its own entries, when kv heads keep different numbers)."""
         n = k.shape[1]
         if n > self.capacity:
             raise KVCacheTooLarge(f"{n} entries do not fit a cache of capacity {self.capacity}")
         self.k[layer, slot, :, :n] = k
         self.v[layer, slot, :, :n] = v
+        self.lengths[layer, slot] = (positions >= 0).sum(-1)
         if self.positions is not None:
             self.positions[layer, slot, :, :n] = positions.to(torch.int32)
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
-        """Decode: write one entry per sequence at index lengths[b]. k/v [batch, kv_heads, 1, head_dim]."""
-        self.k[layer, self.slot_index, :, self.lengths] = k[:, :, 0]
-        self.v[layer, self.slot_index, :, self.lengths] = v[:, :, 0]
+        """Decode: write one entry per sequence and kv head at that row's length. k/v [batch, kv_heads, 1, head_dim]."""
+        slots, heads, at = self.slot_index[:, None], self.head_index[None, :], self.lengths[layer]
+        self.k[layer, slots, heads, at] = k[:, :, 0]
+        self.v[layer, slots, heads, at] = v[:, :, 0]
         if self.positions is not None:
-            self.positions[layer, self.slot_index, :, self.lengths] = positions.to(torch.int32)[:, None]
+            self.positions[layer, slots, heads, at] = positions.to(torch.int32)[:, None]
 
-    def visible(self, span: int) -> torch.Tensor:
-        """Bool [batch, 1, span]: which of the first `span` entries this decode step may attend to, the one it
-        appends at index lengths[b] included. The same in every layer, so a step builds it once."""
-        return (self.entry_index[None, :span] <= self.lengths[:, None])[:, None]
+    def visible(self, layer: int, span: int) -> torch.Tensor:
+        """Bool [batch, kv_heads, span]: which of the first `span` entries of each row this decode step may attend
+        to in `layer`, the one it appends at the row's length included."""
+        return self.entry_index[:span] <= self.lengths[layer][..., None]
 
     def in_window(self, layer: int, positions: torch.Tensor, sliding_window: int, span: int) -> torch.Tensor:
         """Bool [batch, kv_heads, span]: the entries whose original position a sliding window still shows to
@@ -111,4 +118,4 @@ class KVCache:
 
     def advance(self, active: torch.Tensor) -> None:
         """After a decode step: live sequences grow by one; finished ones stay put (their slot is reused as is)."""
-        self.lengths.add_(active).clamp_(max=self.capacity - 1)
+        self.lengths.add_(active[None, :, None]).clamp_(max=self.capacity - 1)

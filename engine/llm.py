@@ -34,7 +34,7 @@ from engine.sequence import ProgressFn, RequestOutput, Sequence, Status
 from engine.tokenizer import Tokenizer
 from models.loader import load_config, load_model
 from snapkv.config import SnapKVConfig
-from snapkv.policies import make_policy
+from snapkv.policies import SelectionPolicy, make_policy
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICES = ("cpu", "cuda")
@@ -78,7 +78,7 @@ class LLM:
         self.tokenizer = Tokenizer.from_path(path)
         self.model = load_model(path, self.dtype, self.device, self.config)
         self.snapkv = snapkv
-        self.policy = make_policy(snapkv)
+        self.policy = self.make_policy(snapkv)
         self.max_batch_size = max_batch_size
         self.allow_longer_context = allow_longer_context
         limit = self.config.max_position_embeddings
@@ -94,13 +94,17 @@ class LLM:
         self._unclaimed: list[RequestOutput] = []  # outputs of add_request requests produced by others' steps
         self.last_decode_s: float | None = None  # how long the latest decode step took (for the server's metrics)
 
+    def make_policy(self, snapkv: SnapKVConfig | None) -> SelectionPolicy:
+        """The selection policy for these settings on this model (its layers and sliding window)."""
+        return make_policy(snapkv, self.config.num_layers, self.config.sliding_window)
+
     def _capacity(self, max_kv_len: int | None) -> int:
         if max_kv_len is not None:
             return max_kv_len  # KVCache refuses it, with the numbers, if it does not fit
         fits = int(available_memory_bytes(self.device) * CACHE_MEMORY_SHARE) // (self.max_batch_size *
                                                                                  self.kv_bytes_per_entry)
         compressed = self.snapkv is not None and self.snapkv.policy != "full"
-        wanted = self.snapkv.budget + DEFAULT_NEW_TOKENS if compressed else self.max_model_len
+        wanted = self.policy.kept_length(self.max_model_len) + DEFAULT_NEW_TOKENS if compressed else self.max_model_len
         capacity = min(wanted, self.max_model_len, fits)
         if capacity < 1:
             raise ValueError(f"not even one cache entry per slot fits in free memory ({self.max_batch_size} "
@@ -141,7 +145,7 @@ class LLM:
     def room_for(self, prompt_len: int, snapkv: SnapKVConfig | None = ENGINE_POLICY) -> int:
         """The most tokens a request with a prompt of this length may ask for: what is left of the model's
         positions and of a slot once the prompt's kept entries are in (the admission check's first two limits)."""
-        policy = self.policy if snapkv is ENGINE_POLICY else make_policy(snapkv)
+        policy = self.policy if snapkv is ENGINE_POLICY else self.make_policy(snapkv)
         return min(self.max_model_len - prompt_len, self.runner.capacity - policy.kept_length(prompt_len))
 
     def _admission_check(self, seq: Sequence) -> None:
@@ -186,7 +190,7 @@ class LLM:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be a SamplingParams (got {type(params).__name__})")
-        policy = self.policy if snapkv is ENGINE_POLICY else make_policy(snapkv)
+        policy = self.policy if snapkv is ENGINE_POLICY else self.make_policy(snapkv)
         with self._lock:
             rid = str(next(self._ids)) if request_id is None else str(request_id)
             if self.scheduler.find(rid) is not None:
@@ -208,7 +212,7 @@ class LLM:
             running = list(self.scheduler.running.values())
             per_entry = self.kv_bytes_per_entry
             return {"running": len(running), "waiting": len(self.scheduler.waiting),
-                    "kv_bytes": per_entry * sum(s.cache_entries for s in running),
+                    "kv_bytes": per_entry * sum(s.stats.get("kept_tokens", 0) + len(s.token_ids) for s in running),
                     "full_kv_bytes": per_entry * sum(len(s.prompt_token_ids) + len(s.token_ids) for s in running)}
 
     def abort(self, request_id: str) -> bool:

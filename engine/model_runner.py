@@ -82,12 +82,13 @@ class ModelRunner:
         x.temperature[slot], x.top_k[slot], x.top_p[slot] = p.temperature if not p.greedy else 0.0, p.top_k, p.top_p
         x.seed[slot], x.index[slot] = seq.seed, 0
         first = next_tokens(seq.sampling_mode, logits, x.rows(slot, slot + 1))  # as the step would, at token index 0
-        self.cache.lengths[slot] = view.kept_length
         x.tokens[slot], x.positions[slot], x.index[slot], x.active[slot] = first[0], len(ids), 1, 1
         token = int(first[0])
-        seq.cache_entries, seq.kept = view.kept_length, view.kept
-        seq.stats.update(kept_tokens=view.kept_length, prefill_s=time.perf_counter() - start,
-                         measured_peak_bytes=meter.peak)
+        seq.cache_entries, seq.kept = view.longest, view.kept
+        rows = self.config.num_layers * self.config.num_kv_heads
+        # kept_tokens: entries per (layer, kv head) on average (what the memory holds); kept_max: the largest row
+        seq.stats.update(kept_tokens=round(view.entries / rows), kept_max=view.longest,
+                         prefill_s=time.perf_counter() - start, measured_peak_bytes=meter.peak)
         return token
 
     @torch.inference_mode()

@@ -1,7 +1,8 @@
 """Attention math shared by the model's default path and the engine's cache views: causal prefill attention
 (optionally sliding-window) and single-query decode attention over a padded static cache, by flash-attn's
 `flash_attn_with_kvcache` when that optional package is importable on CUDA, else by SDPA. GQA is native in both
-(SDPA's `enable_gqa`), so K/V are never repeated to the query-head count."""
+(prefill: SDPA's `enable_gqa`; decode: each kv head's query group attends as one short query block), so K/V are
+never repeated to the query-head count."""
 
 from __future__ import annotations
 
@@ -48,17 +49,22 @@ def decode_backend(device: torch.device, needs_position_mask: bool) -> str:
     return "sdpa"
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, valid: torch.Tensor,
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, valid: torch.Tensor | None,
                      lengths: torch.Tensor | None = None, backend: str = "sdpa") -> torch.Tensor:
-    """One query per sequence over a static cache. q [B, H, 1, D], k/v [B, Hkv, C, D], valid bool [B, Hkv|1, C]
-    (True = attend); for "flash", lengths [B] = valid entries per sequence (a prefix of the buffer)."""
+    """One query per sequence over a static cache. q [B, H, 1, D], k/v [B, Hkv, C, D], valid bool [B, Hkv, C]
+    (True = attend); for "flash", lengths [B, Hkv] = valid entries of each row (a prefix of it).
+    The H query heads are viewed as [Hkv, group]: a kv head's group is the query length of one attention over
+    that kv head's own row, so K/V are never repeated and each row keeps its own mask."""
+    b, h, _, d = q.shape
+    hkv = k_cache.shape[1]
+    grouped = q.view(b, hkv, h // hkv, d)
     if backend == "flash":
-        # flash-attn wants [B, C, Hkv, D]; a transposed view works since it takes strides, last dim contiguous
-        out = flash_attn_with_kvcache(q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2),
-                                      cache_seqlens=lengths.to(torch.int32))
-        return out.transpose(1, 2)
-    mask = valid.unsqueeze(2)  # [B, Hkv|1, 1, C]
-    group = q.shape[1] // k_cache.shape[1]
-    if mask.shape[1] != 1 and group != 1:
-        mask = mask.repeat_interleave(group, dim=1)  # per-kv-head validity -> per query head (mask only)
-    return F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, enable_gqa=True)
+        # flash-attn: [batch, seqlen, heads, D]; every (sequence, kv head) row is a batch entry of its own length,
+        # its group of query heads attending over one kv head (a view: strides, last dim contiguous)
+        c = k_cache.shape[2]
+        out = flash_attn_with_kvcache(grouped.reshape(b * hkv, 1, h // hkv, d),
+                                      k_cache.reshape(b * hkv, c, 1, d), v_cache.reshape(b * hkv, c, 1, d),
+                                      cache_seqlens=lengths.reshape(-1).to(torch.int32))
+        return out.view(b, h, 1, d)
+    out = F.scaled_dot_product_attention(grouped, k_cache, v_cache, attn_mask=valid[:, :, None, :])
+    return out.reshape(b, h, 1, d)

@@ -4,19 +4,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-POLICIES = ("snapkv", "streaming", "full")
+# the policies that rank prompt positions by the observation window's attention (SnapKV's scores)
+WINDOW_POLICIES = ("snapkv", "adakv", "pyramidkv")
+POLICIES = (*WINDOW_POLICIES, "tova", "keynorm", "streaming", "full")
 POOLINGS = ("max", "avg")
 GROUP_AGGREGATIONS = ("mean", "max")
 CHOICES = {"policy": POLICIES, "pooling": POOLINGS, "group_agg": GROUP_AGGREGATIONS}
 # one line per knob, for every front end (snapkv-run's flags, the server's request field)
 HELP = {
-    "budget": "SnapKV: entries kept per layer and kv head, the observation window included.",
+    "budget": "Entries kept per layer and kv head, the observation window included (adakv and pyramidkv keep "
+              "this many on average, spread over heads or layers).",
     "window": "SnapKV observation window: the last prompt tokens, whose attention votes for what to keep.",
     "kernel": "SnapKV vote pooling kernel (odd): the neighbours of a voted position are kept with it.",
     "pooling": "SnapKV vote pooling.",
     "group_agg": "SnapKV: how the query heads of one kv group combine their votes (max: a position any head "
                  "wants is kept).",
-    "policy": "Selection policy: snapkv, streaming (StreamingLLM: sink tokens + the most recent) or full.",
+    "policy": "Selection policy: snapkv; adakv (SnapKV votes, the layer's budget spread over its kv heads by "
+              "where attention concentrates); pyramidkv (SnapKV votes, budgets shrinking with depth); tova (the "
+              "last token's attention); keynorm (lowest key norms); streaming (sink tokens + the most recent); "
+              "full (no compression).",
+    "sink_tokens": "The first prompt tokens every compressing policy keeps (attention sinks); default 4 for "
+                   "streaming, 0 otherwise.",
 }
 
 
@@ -24,8 +32,8 @@ HELP = {
 class SnapKVConfig:
     """`budget` entries are kept per layer and kv head, the observation `window` included (official SnapKV).
 
-    policy: "snapkv" (vote by the window's attention), "streaming" (StreamingLLM: 4 sink tokens + the most recent
-    ones) or "full" (no compression; for comparisons). Prompts of at most `budget` tokens are never compressed.
+    policy: one of POLICIES (see HELP["policy"]). Prompts of at most `budget` tokens are never compressed.
+    sink_tokens: None takes the policy's default (4 for streaming, 0 otherwise); `sinks` is the resolved number.
     """
 
     # defaults measured on SmolLM2-135M (benchmarks/results/quality.md): a short window and a wide kernel keep
@@ -36,16 +44,24 @@ class SnapKVConfig:
     pooling: str = "max"
     group_agg: str = "max"
     policy: str = "snapkv"
-    sink_tokens: int = 4
+    sink_tokens: int | None = None
+
+    @property
+    def sinks(self) -> int:
+        if self.sink_tokens is not None:
+            return self.sink_tokens
+        return 4 if self.policy == "streaming" else 0
 
     def __post_init__(self):
         if self.policy not in POLICIES:
             raise ValueError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
-        if not isinstance(self.budget, int) or not isinstance(self.window, int) or not isinstance(self.kernel, int):
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in (self.budget, self.window, self.kernel)):
             raise ValueError("budget, window and kernel must be integers")
+        if self.budget < 1:
+            raise ValueError(f"budget must be at least 1 (got {self.budget})")
         if self.window < 1:
             raise ValueError(f"window must be at least 1 (got {self.window})")
-        if self.budget <= self.window:
+        if self.policy in WINDOW_POLICIES and self.budget <= self.window:
             raise ValueError(f"budget ({self.budget}) must be larger than window ({self.window}): the budget counts "
                              "the observation window")
         if self.kernel < 1 or self.kernel % 2 == 0:
@@ -54,5 +70,10 @@ class SnapKVConfig:
             raise ValueError(f"unknown pooling {self.pooling!r}; choose one of {', '.join(POOLINGS)}")
         if self.group_agg not in GROUP_AGGREGATIONS:
             raise ValueError(f"unknown group_agg {self.group_agg!r}; choose one of {', '.join(GROUP_AGGREGATIONS)}")
-        if self.policy == "streaming" and not 0 <= self.sink_tokens < self.budget:
-            raise ValueError(f"sink_tokens ({self.sink_tokens}) must be in [0, budget)")
+        if self.sink_tokens is not None and (not isinstance(self.sink_tokens, int) or
+                                             isinstance(self.sink_tokens, bool)):
+            raise ValueError("sink_tokens must be an integer")
+        room = self.budget - (self.window if self.policy in WINDOW_POLICIES else 0)
+        if self.policy != "full" and not 0 <= self.sinks < room:
+            raise ValueError(f"sink_tokens ({self.sinks}) must be in [0, {room}): the budget, less the window, "
+                             "must hold them and still choose")

@@ -1,26 +1,34 @@
-"""Selection policies behind one interface, so SnapKV can be compared honestly with the alternatives:
-`full` (keep everything), `streaming` (StreamingLLM: attention sinks + the most recent tokens) and `snapkv`.
+"""Selection policies behind one interface, so SnapKV can be compared honestly with the alternatives: `full`
+(keep everything), `streaming` (StreamingLLM: attention sinks + the most recent tokens), `snapkv`, `adakv` and
+`pyramidkv` (SnapKV's votes with per-head or per-layer budgets), `tova` (the last token's attention) and
+`keynorm` (the lowest key norms).
 
-A policy maps one layer's prefill q and k [B, Hkv, T, D] to the indices [B, Hkv, n] of the entries to keep (sorted
-by position), or None to keep all T. q [B, H, >= queries_needed, D] holds at least the prompt's last
-`queries_needed` queries (a chunked prefill never has all of them at once)."""
+A policy maps one layer's prefill q and k [B, Hkv, T, D] to the indices [B, Hkv, n] of the entries to keep (in
+position order; rows padded with -1 when heads keep different numbers), or None to keep all T. q holds at least
+the prompt's last `queries_needed` queries (a chunked prefill never has all of them at once). With a sliding
+window (Mistral), decode can never see a prompt key at or before `T - sliding_window`, so compressing policies
+neither vote for nor keep those: they choose among the visible keys only.
+"""
 
 from __future__ import annotations
 
+import math
 from typing import Protocol
 
 import torch
 
+from snapkv.allocation import ADAKV_CAP, adakv_mask, mask_positions, pyramid_budgets
 from snapkv.config import SnapKVConfig
-from snapkv.select import snapkv_select
+from snapkv.select import snapkv_scores, top_positions
 
 
 class SelectionPolicy(Protocol):
     queries_needed: int
 
-    def kept_length(self, prompt_len: int) -> int: ...
+    def kept_length(self, prompt_len: int) -> int:
+        """The most entries any (layer, kv head) keeps from a prompt of this length (what a slot must hold)."""
 
-    def select(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None: ...
+    def select(self, q: torch.Tensor, k: torch.Tensor, layer: int) -> torch.Tensor | None: ...
 
 
 class FullCache:
@@ -29,43 +37,130 @@ class FullCache:
     def kept_length(self, prompt_len: int) -> int:
         return prompt_len
 
-    def select(self, q, k):
+    def select(self, q, k, layer=0):
         return None
 
 
-class StreamingLLM:
+class Compressing:
+    """What every compressing policy shares: the sliding-window restriction, sinks, and the budget per layer.
+    Subclasses implement `choose(q, k, budget)` over keys that are all visible and more than `budget`."""
+
     queries_needed = 0
 
-    def __init__(self, budget: int, sink_tokens: int = 4):
-        self.budget, self.sink_tokens = budget, sink_tokens
+    def __init__(self, cfg: SnapKVConfig, num_layers: int = 1, sliding_window: int | None = None):
+        self.cfg, self.num_layers, self.sliding_window = cfg, num_layers, sliding_window
+
+    def first_visible(self, prompt_len: int) -> int:
+        """The first prompt position a decode step can ever see (its first query sits at prompt_len)."""
+        return 0 if self.sliding_window is None else max(0, prompt_len - self.sliding_window + 1)
+
+    def layer_budget(self, layer: int) -> int:
+        return self.cfg.budget
+
+    def most_per_head(self) -> int:
+        return max(self.layer_budget(layer) for layer in range(self.num_layers))
 
     def kept_length(self, prompt_len: int) -> int:
-        return min(prompt_len, self.budget)
+        return min(prompt_len - self.first_visible(prompt_len), self.most_per_head())
 
-    def select(self, q, k):
+    def select(self, q, k, layer=0):
         b, hkv, t, _ = k.shape
-        if t <= self.budget:
-            return None
-        recent = self.budget - self.sink_tokens
-        idx = torch.cat([torch.arange(self.sink_tokens, device=k.device), torch.arange(t - recent, t, device=k.device)])
-        return idx.expand(b, hkv, self.budget)
+        first = self.first_visible(t)
+        budget = self.layer_budget(layer)
+        if t - first <= budget:
+            return None if first == 0 else torch.arange(first, t, device=k.device).expand(b, hkv, t - first)
+        keep = self.choose(q, k[:, :, first:], budget)
+        return keep if first == 0 else torch.where(keep >= 0, keep + first, keep)
+
+    def with_sinks(self, scores: torch.Tensor) -> torch.Tensor:
+        sinks = self.cfg.sinks
+        if sinks:
+            scores = scores.clone()
+            scores[..., :sinks] = float("inf")
+        return scores
+
+    def top(self, scores: torch.Tensor, count: int) -> torch.Tensor:
+        return top_positions(self.with_sinks(scores), count)
 
 
-class SnapKV:
-    def __init__(self, cfg: SnapKVConfig):
-        self.cfg = cfg
+class StreamingLLM(Compressing):
+    def choose(self, q, k, budget):
+        b, hkv, t, _ = k.shape
+        sinks = self.cfg.sinks
+        idx = torch.cat([torch.arange(sinks, device=k.device), torch.arange(t - budget + sinks, t, device=k.device)])
+        return idx.expand(b, hkv, budget)
+
+
+class SnapKV(Compressing):
+    """The last `window` queries vote (snapkv.select); the best `budget - window` prefix positions are kept with
+    the window itself."""
+
+    def __init__(self, cfg: SnapKVConfig, num_layers: int = 1, sliding_window: int | None = None):
+        super().__init__(cfg, num_layers, sliding_window)
         self.queries_needed = cfg.window
 
-    def kept_length(self, prompt_len: int) -> int:
-        return min(prompt_len, self.cfg.budget)
+    def window_positions(self, k: torch.Tensor, rows: tuple[int, int]) -> torch.Tensor:
+        t, w = k.shape[2], self.cfg.window
+        return torch.arange(t - w, t, device=k.device).expand(*rows, w)
 
-    def select(self, q, k):
-        return snapkv_select(q, k, self.cfg)
+    def choose(self, q, k, budget):
+        picks = self.top(snapkv_scores(q, k, self.cfg), budget - self.cfg.window)
+        return torch.cat([picks, self.window_positions(k, picks.shape[:2])], dim=-1)
 
 
-def make_policy(cfg: SnapKVConfig | None) -> SelectionPolicy:
+class PyramidKV(SnapKV):
+    def __init__(self, cfg: SnapKVConfig, num_layers: int = 1, sliding_window: int | None = None):
+        super().__init__(cfg, num_layers, sliding_window)
+        w = cfg.window
+        self.budgets = [w + n for n in pyramid_budgets(cfg.budget - w, num_layers)]
+
+    def layer_budget(self, layer: int) -> int:
+        return self.budgets[layer]
+
+
+class AdaKV(SnapKV):
+    def most_per_head(self) -> int:
+        w = self.cfg.window
+        return w + int(ADAKV_CAP * (self.cfg.budget - w))
+
+    def choose(self, q, k, budget):
+        scores = self.with_sinks(snapkv_scores(q, k, self.cfg))
+        picks = mask_positions(adakv_mask(scores, budget - self.cfg.window))
+        # each row: its picks (then -1 padding), the window moved in front of the padding
+        window = self.window_positions(k, picks.shape[:2])
+        keep = torch.cat([picks, window], dim=-1)
+        return keep.gather(-1, torch.sort((keep < 0).to(torch.int8), dim=-1, stable=True).indices)
+
+
+class TOVA(Compressing):
+    """Oren et al.: the last prompt token's attention, averaged over all query heads of the layer, ranks every
+    position (one choice for all kv heads of the layer, as in the paper and kvpress); the last token stays."""
+
+    queries_needed = 1
+
+    def choose(self, q, k, budget):
+        b, hkv, t, d = k.shape
+        group = q.shape[1] // hkv
+        last = q[:, :, -1:].float().view(b, hkv, group, d)
+        attention = (torch.einsum("bhgd,bhtd->bhgt", last, k.float()) / math.sqrt(d)).softmax(dim=-1)
+        scores = attention.mean(dim=(1, 2))[:, None].expand(b, hkv, t).clone()
+        scores[..., -1] = float("inf")
+        return self.top(scores, budget)
+
+
+class KeyNorm(Compressing):
+    """Devoto et al. (kvpress's KnormPress): keys with the smallest L2 norm draw the most attention; keep those."""
+
+    def choose(self, q, k, budget):
+        return self.top(-k.float().norm(dim=-1), budget)
+
+
+POLICY_CLASSES = {"snapkv": SnapKV, "adakv": AdaKV, "pyramidkv": PyramidKV, "tova": TOVA, "keynorm": KeyNorm,
+                  "streaming": StreamingLLM}
+
+
+def make_policy(cfg: SnapKVConfig | None, num_layers: int = 1, sliding_window: int | None = None) -> SelectionPolicy:
+    """The policy for `cfg` (None = full cache) on a model with `num_layers` layers and this sliding window."""
     if cfg is None or cfg.policy == "full":
         return FullCache()
-    if cfg.policy == "streaming":
-        return StreamingLLM(cfg.budget, cfg.sink_tokens)
-    return SnapKV(cfg)
+    return POLICY_CLASSES[cfg.policy](cfg, num_layers, sliding_window)

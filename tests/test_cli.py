@@ -202,3 +202,34 @@ def test_help_shows_every_default():
     defaults = SnapKVConfig()
     assert f"[default: {defaults.budget}]" in text and f"[default: {defaults.kernel}]" in text
     assert "FILE" not in text
+
+
+def test_compare_runs_both_caches_and_counts_matched_tokens(capsys, smol_dir, tmp_path):
+    from benchmarks.eval.tasks import make_case
+    from engine import LLM, SamplingParams
+    from engine.compare import matched_tokens
+    from snapkv import SnapKVConfig
+
+    llm = LLM(smol_dir)
+    case = make_case("qa", 3, 700, 0.5, lambda t: len(llm.tokenizer.encode(t, add_special_tokens=False)))
+    prompt = tmp_path / "long.txt"
+    prompt.write_text(case.prompt)
+    args = ["--model", str(smol_dir), "--prompt", str(prompt), "--max-new-tokens", "24", "--budget", "64",
+            "--policy", "tova", "--compare"]
+    code, out, err = run_main(capsys, *args, "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    params = SamplingParams(max_tokens=24)
+    full = llm.generate(case.prompt, params, chat=True)[0]
+    compressed = LLM(smol_dir, snapkv=SnapKVConfig(budget=64, policy="tova")).generate(case.prompt, params,
+                                                                                      chat=True)[0]
+    assert result["full"]["token_ids"] == full.token_ids
+    assert result["compressed"]["token_ids"] == compressed.token_ids
+    n = max(len(full.token_ids), len(compressed.token_ids))
+    assert result["matched_tokens"] == matched_tokens(full.token_ids, compressed.token_ids, llm.eos_ids, n)
+    assert result["compressed"]["stats"]["kept_tokens"] == 64
+    code, out, err = run_main(capsys, *args)
+    assert code == 0 and out.startswith("full cache: KV ") and full.text.strip() in out
+    assert f"tova (budget 64): KV " in out and f"matched tokens: {result['matched_tokens']} of {n}" in out
+    code, out, err = run_main(capsys, *args, "--no-snapkv")
+    assert_one_line_error(code, err, "--compare compares a compressed cache with the full one")

@@ -131,13 +131,15 @@ def fake_flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens):
     return out
 
 
-def test_flash_path_matches_sdpa(tmp_path, monkeypatch):
-    """The flash-attn route (layout transposes, lengths) gives the tokens SDPA gives; run on CPU with a stand-in."""
-    path = tiny_model_dir(tmp_path, "llama", num_key_value_heads=1)
+@pytest.mark.parametrize("kv_heads,policy", [(1, "snapkv"), (2, "adakv")])
+def test_flash_path_matches_sdpa(tmp_path, monkeypatch, kv_heads, policy):
+    """The flash-attn route (layout transposes, one length per (sequence, kv head) row: AdaKV's rows differ)
+    gives the tokens SDPA gives; run on CPU with a stand-in."""
+    path = tiny_model_dir(tmp_path, "llama", num_key_value_heads=kv_heads)
     prompts = [list(range(3, 80)), list(range(10, 40))]
     params = SamplingParams(max_tokens=16, ignore_eos=True)
-    sdpa = LLM(path, snapkv=SnapKVConfig(budget=32, window=4)).generate(prompt_token_ids=prompts,
-                                                                         sampling_params=params)
+    cfg = SnapKVConfig(budget=32, window=4, policy=policy)
+    sdpa = LLM(path, snapkv=cfg).generate(prompt_token_ids=prompts, sampling_params=params)
     calls = []
 
     def counting_flash(*args, **kwargs):
@@ -148,7 +150,6 @@ def test_flash_path_matches_sdpa(tmp_path, monkeypatch):
     import engine.cache_views
 
     monkeypatch.setattr(engine.cache_views, "decode_backend", lambda device, needs_position_mask: "flash")
-    flash = LLM(path, snapkv=SnapKVConfig(budget=32, window=4)).generate(prompt_token_ids=prompts,
-                                                                          sampling_params=params)
+    flash = LLM(path, snapkv=cfg).generate(prompt_token_ids=prompts, sampling_params=params)
     assert [o.token_ids for o in flash] == [o.token_ids for o in sdpa]
     assert len(calls) == 15 * 2  # 15 decode steps x 2 layers went through the flash route

@@ -40,33 +40,36 @@ def test_prefill_append_and_validity():
     cache = KVCache(num_layers=2, slots=2, num_kv_heads=2, capacity=8, head_dim=4, track_positions=True)
     assert cache.k.shape == (2, 2, 2, 8, 4) and cache.nbytes == 2 * 2 * 2 * 2 * 8 * 4 * 4 + 2 * 2 * 2 * 8 * 4
     k = torch.arange(2 * 3 * 4, dtype=torch.float32).view(2, 3, 4)
-    cache.write_prefill(1, 0, k, -k, torch.tensor([[0, 5, 9], [1, 2, 9]]))
-    cache.lengths[:] = torch.tensor([3, 0])
+    # kv head 0 keeps 3 entries, kv head 1 keeps 2 (its row padded with -1)
+    cache.write_prefill(1, 0, k, -k, torch.tensor([[0, 5, 9], [1, 2, -1]]))
+    assert cache.lengths[1].tolist() == [[3, 2], [0, 0]] and cache.lengths[0].tolist() == [[0, 0], [0, 0]]
     new_k = torch.full((2, 2, 1, 4), 7.0)
     cache.append(1, new_k, -new_k, positions=torch.tensor([10, 0]))
-    assert torch.equal(cache.k[1, 0, :, :3], k) and torch.equal(cache.v[1, 0, :, :3], -k)
-    assert torch.equal(cache.k[1, 0, :, 3], torch.full((2, 4), 7.0))  # slot 0 appended at its length 3
+    assert torch.equal(cache.k[1, 0, 0, :3], k[0]) and torch.equal(cache.v[1, 0, 1, :2], -k[1, :2])
+    assert torch.equal(cache.k[1, 0, 0, 3], torch.full((4,), 7.0))  # slot 0, head 0: appended at its length 3
+    assert torch.equal(cache.k[1, 0, 1, 2], torch.full((4,), 7.0))  # head 1 at its own length 2
     assert torch.equal(cache.k[1, 1, :, 0], torch.full((2, 4), 7.0))  # slot 1 at 0
-    assert cache.positions[1, 0].tolist() == [[0, 5, 9, 10, 0, 0, 0, 0], [1, 2, 9, 10, 0, 0, 0, 0]]
-    visible = cache.visible(span=8)
-    assert visible[:, 0].int().tolist() == [[1, 1, 1, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0, 0, 0]]
+    assert cache.positions[1, 0].tolist() == [[0, 5, 9, 10, 0, 0, 0, 0], [1, 2, 10, 0, 0, 0, 0, 0]]
+    visible = cache.visible(1, span=8)
+    assert visible[0].int().tolist() == [[1, 1, 1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0, 0]]
+    assert visible[1].int().tolist() == [[1, 0, 0, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0, 0, 0]]
     windowed = visible & cache.in_window(1, torch.tensor([10, 0]), sliding_window=6, span=8)  # positions > 4
-    assert windowed[0].int().tolist() == [[0, 1, 1, 1, 0, 0, 0, 0], [0, 0, 1, 1, 0, 0, 0, 0]]
-    narrowed = cache.visible(span=5) & cache.in_window(1, torch.tensor([10, 0]), sliding_window=6, span=5)
-    assert narrowed[0].int().tolist() == [[0, 1, 1, 1, 0], [0, 0, 1, 1, 0]]  # eager decode's span
+    assert windowed[0].int().tolist() == [[0, 1, 1, 1, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0, 0, 0]]
+    narrowed = cache.visible(1, span=5) & cache.in_window(1, torch.tensor([10, 0]), sliding_window=6, span=5)
+    assert narrowed[0].int().tolist() == [[0, 1, 1, 1, 0], [0, 0, 1, 0, 0]]  # eager decode's span
     cache.advance(torch.tensor([1, 0]))
-    assert cache.lengths.tolist() == [4, 0]
+    assert cache.lengths[1].tolist() == [[4, 3], [0, 0]] and cache.lengths[0].tolist() == [[1, 1], [0, 0]]
     for _ in range(10):
         cache.advance(torch.tensor([1, 1]))
-    assert cache.lengths.tolist() == [7, 7]  # clamped inside the buffer, never out of bounds
+    assert cache.lengths.max() == 7  # clamped inside the buffer, never out of bounds
 
 
 def test_prefix_is_a_view_of_the_first_slots():
     cache = KVCache(num_layers=2, slots=4, num_kv_heads=1, capacity=3, head_dim=2, track_positions=True)
     two = cache.prefix(2)
-    assert two.k.shape == (2, 2, 1, 3, 2) and two.lengths.shape == (2,) and two.positions.shape == (2, 2, 1, 3)
-    two.lengths[1] = 2
+    assert two.k.shape == (2, 2, 1, 3, 2) and two.lengths.shape == (2, 2, 1) and two.positions.shape == (2, 2, 1, 3)
+    two.lengths[0, 1] = 2
     two.append(0, torch.ones(2, 1, 1, 2), torch.ones(2, 1, 1, 2), positions=torch.tensor([4, 9]))
-    assert cache.lengths.tolist() == [0, 2, 0, 0]  # the same memory, no copy
+    assert cache.lengths[0, :, 0].tolist() == [0, 2, 0, 0]  # the same memory, no copy
     assert cache.k[0, :, 0, :, 0].tolist() == [[1, 0, 0], [0, 0, 1], [0, 0, 0], [0, 0, 0]]
     assert cache.positions[0, 1, 0, 2] == 9
