@@ -58,17 +58,18 @@ def test_smollm2_chunked_equals_unchunked(smol_dir):
     assert all(torch.equal(x, y) for x, y in zip(a.kept, b.kept)) and a.token_ids == b.token_ids
 
 
-def test_smollm2_32k_prompt_peak_memory(smol_dir):
-    """32,768 tokens, budget 1024: the full float32 cache alone would be 1.4 GiB (46,080 bytes a token)."""
+def test_smollm2_16k_prompt_peak_memory(smol_dir):
+    """16,384 tokens (twice the trained length), budget 1024: the full float32 cache alone would be 0.70 GiB
+    (46,080 bytes a token). (benchmarks/long_context.py measures 32K and beyond; 16K keeps make test short.)"""
     llm = LLM(smol_dir, snapkv=SnapKVConfig(budget=1024, window=16), allow_longer_context=True)
     words = (SMOL_DIR.parents[1] / "examples" / "long_prompt.txt").read_text()
-    ids = (llm.tokenizer.encode(words) * 13)[:32768]
+    ids = (llm.tokenizer.encode(words) * 7)[:16384]
     # the weights are memory-mapped: a first short call pages them in, so they do not count as prefill growth
     llm.generate(prompt_token_ids=[ids[:64]], sampling_params=SamplingParams(max_tokens=1))
     out = llm.generate(prompt_token_ids=[ids], sampling_params=SamplingParams(max_tokens=2, ignore_eos=True))[0]
     stats = out.stats
-    assert stats["prompt_tokens"] == 32768 and stats["kept_tokens"] == 1024
-    assert stats["full_kv_bytes"] > 1.4 * 2**30  # what the full cache would hold
+    assert stats["prompt_tokens"] == 16384 and stats["kept_tokens"] == 1024
+    assert stats["full_kv_bytes"] > 0.7 * 2**30  # what the full cache would hold
     assert stats["measured_peak_bytes"] is not None
     assert stats["measured_peak_bytes"] < stats["predicted_peak_bytes"], stats
     assert stats["measured_peak_bytes"] < 512 * 2**20, stats

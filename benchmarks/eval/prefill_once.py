@@ -166,7 +166,8 @@ def attention_recall(prefilled: PrefilledPrompt, full_queries: list[torch.Tensor
         scores = torch.einsum("shd,htd->hst", q, k.repeat_interleave(group, dim=0)) / math.sqrt(d)
         attn = scores.softmax(dim=-1).mean(dim=1)  # [H, T]
         idx = keep.to(attn.device).long().repeat_interleave(group, dim=0)  # kv head -> its query heads
-        recalls.append(float(attn.gather(1, idx).sum(dim=-1).mean()))
+        mass = attn.gather(1, idx.clamp(min=0)).masked_fill(idx < 0, 0.0)  # -1: padding of a shorter row
+        recalls.append(float(mass.sum(dim=-1).mean()))
     return recalls
 
 

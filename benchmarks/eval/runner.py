@@ -1,4 +1,5 @@
-"""The eval runner: build the cases (RULER-style suite + NIAH depth x length grid), prefill each prompt once,
+"""The eval runner: build the cases (RULER-style suite + NIAH depth x length grid, report split by default),
+prefill each prompt once,
 answer it under every requested policy/budget, and append one JSONL row per (case, policy, budget) with the
 exact-match score and the fidelity metrics against the full cache. Rows already in the file are skipped, so an
 interrupted run resumes where it stopped.
@@ -14,8 +15,9 @@ from pathlib import Path
 import torch
 
 from benchmarks.eval.prefill_once import PrefilledPrompt, attention_recall, token_agreement
+from benchmarks.eval.splits import REPORT_SEED
 from benchmarks.eval.tasks import Case, make_case
-from snapkv.config import SnapKVConfig
+from snapkv.config import POLICIES, SnapKVConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = ROOT / "weights" / "SmolLM2-135M-Instruct"
@@ -40,14 +42,17 @@ def token_counter(llm):
     return lambda text: len(llm.tokenizer.encode(text, add_special_tokens=False))
 
 
-def suite_cases(llm, tasks: list[str], lengths: list[int], seeds) -> list[Case]:
-    count = token_counter(llm)
-    return [make_case(task, seed, length, None, count) for length in lengths for task in tasks for seed in seeds]
+def suite_cases(llm, tasks: list[str], lengths: list[int], seeds, split: str = "report") -> list[Case]:
+    """Suite cases of a split (benchmarks.eval.splits): the report split's seeds start at 1000."""
+    count, first = token_counter(llm), REPORT_SEED if split == "report" else 0
+    return [make_case(task, first + seed, length, None, count, split) for length in lengths for task in tasks
+            for seed in seeds]
 
 
-def niah_grid_cases(llm, lengths: list[int], depths: list[float], seed: int = 0) -> list[Case]:
+def niah_grid_cases(llm, lengths: list[int], depths: list[float], seed: int = REPORT_SEED,
+                    split: str = "report") -> list[Case]:
     count = token_counter(llm)
-    return [make_case("niah", seed, length, depth, count) for length in lengths for depth in depths]
+    return [make_case("niah", seed, length, depth, count, split) for length in lengths for depth in depths]
 
 
 def answer_complete(llm, case: Case, tokens: list[int]) -> bool:
@@ -75,8 +80,8 @@ def policy_specs(policies: list[str], budgets: list[int], base: SnapKVConfig) ->
         if policy == "full":
             specs.append(PolicySpec("full", None, None))
             continue
-        if policy not in ("snapkv", "streaming"):
-            raise SystemExit(f"error: unknown policy {policy!r}; use full, snapkv or streaming")
+        if policy not in POLICIES:
+            raise SystemExit(f"error: unknown policy {policy!r}; use one of {', '.join(POLICIES)}")
         for b in budgets:
             if b <= base.window:
                 raise SystemExit(f"error: budget {b} must exceed the SnapKV window ({base.window})")
@@ -88,7 +93,8 @@ def policy_specs(policies: list[str], budgets: list[int], base: SnapKVConfig) ->
 
 def row_key(case: Case, spec: PolicySpec) -> str:
     cfg = spec.cfg
-    knobs = "" if cfg is None or cfg.policy != "snapkv" else f"|w{cfg.window}k{cfg.kernel}{cfg.pooling}{cfg.group_agg}"
+    knobs = "" if cfg is None or cfg.policy in ("streaming", "full") else \
+        f"|w{cfg.window}k{cfg.kernel}{cfg.pooling}{cfg.group_agg}"
     return f"{case.key}|{spec.name}{knobs}"
 
 
@@ -137,7 +143,8 @@ def evaluate(llm, cases: list[tuple[str, Case]], specs: list[PolicySpec], out: P
                 out_ = ref if spec.cfg is None else decoded[spec.name]
                 text = llm.tokenizer.decode(out_.token_ids, skip_special_tokens=True)
                 recall = attention_recall(prefilled, ref.queries, out_.kept, RECALL_STEPS)
-                kept = len(prefilled) if spec.cfg is None else min(len(prefilled), spec.cfg.budget)
+                kept = len(prefilled) if spec.cfg is None else sum(int((k >= 0).sum()) for k in out_.kept) / (
+                    len(out_.kept) * out_.kept[0].shape[0])
                 cfg = spec.cfg
                 row = dict(key=key, group=group, task=case.task, seed=case.seed, length=case.length,
                            depth=case.depth, prompt_tokens=len(prefilled), policy=spec.policy, budget=spec.budget,

@@ -1,132 +1,106 @@
-"""The defaults sweep: which SnapKV window / kernel / pooling / group aggregation keeps the full cache's answers at
-4x and 8x compression on SmolLM2. Writes one JSONL row per (case, config) and prints the ranking.
+"""The defaults sweep, on the tuning split only: which policy and SnapKV knobs stay closest to the full cache.
+Ranked by the teacher-forced KL(full || compressed) (lower is better; top-1 agreement breaks ties), which moves
+smoothly where exact match on a 135M model flips. No free-running decode: every config is one 64-token forward
+over its kept entries, so a sweep of dozens of configs costs little more than the prefills.
 
-    .venv/bin/python -m benchmarks.eval.tune --seeds 3             # staged sweep (12 min on 2 shared cores)
-    .venv/bin/python -m benchmarks.eval.tune --seeds 3 --full-grid # all 64 combinations (about 30 min)
+    .venv/bin/python -m benchmarks.eval.tune            # stage 1 + stage 2, about 20 minutes on 2 cores
 
-Staged (the default): stage 1 crosses window {8,16,32,64} x kernel {1,5,7,15} at pooling=max, group_agg=mean;
-stage 2 crosses pooling {avg,max} x group_agg {mean,max} for the 3 best (window, kernel) pairs. Every config is
-decoded for every case from one shared prefill (benchmarks.eval.prefill_once), all configs batched together.
-Ranking: mean exact-match score over cases and budgets, ties broken by mean attention-mass recall.
+Stage 1: SnapKV's window {8,16,32} x kernel {7,15,31} x pooling {max,avg} x group aggregation {max,mean} at 4x.
+Stage 2: with the two best knob sets, the policies snapkv / adakv / pyramidkv with 0 or 4 sink tokens, and tova,
+keynorm and streaming, at 4x and 8x. Writes benchmarks/results/tune.jsonl and tune.md. The winner is confirmed
+on the report split (benchmarks.eval.quality) before it becomes a default.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import time
+from collections import defaultdict
 from pathlib import Path
 
-from benchmarks.eval.prefill_once import PrefilledPrompt, attention_recall
-from benchmarks.eval.runner import DEFAULT_MODEL, RESULTS, answer_complete, load_llm, suite_cases
-from benchmarks.eval.tasks import SUITE
+from benchmarks.eval.quality import DEFAULT_MODEL, RESULTS, knobs, load_llm, run
+from benchmarks.eval.splits import tuning_cases
 from snapkv.config import SnapKVConfig
 
-WINDOWS, KERNELS, POOLINGS, GROUP_AGGS = (8, 16, 32, 64), (1, 5, 7, 15), ("avg", "max"), ("mean", "max")
+WINDOWS, KERNELS, POOLINGS, GROUP_AGGS = (8, 16, 32), (7, 15, 31), ("max", "avg"), ("max", "mean")
 
 
-def grid(windows, kernels, poolings, aggs, budgets) -> list[SnapKVConfig]:
-    return [SnapKVConfig(budget=b, window=w, kernel=k, pooling=p, group_agg=g)
-            for b, w, k, p, g in itertools.product(budgets, windows, kernels, poolings, aggs) if w < b]
+def stage1_specs() -> list[tuple[SnapKVConfig, float]]:
+    return [(SnapKVConfig(window=w, kernel=k, pooling=p, group_agg=g), 4.0)
+            for w, k, p, g in itertools.product(WINDOWS, KERNELS, POOLINGS, GROUP_AGGS)]
 
 
-def config_name(cfg: SnapKVConfig) -> str:
-    return f"w{cfg.window}/k{cfg.kernel}/{cfg.pooling}/{cfg.group_agg}"
+def stage2_specs(best: list[SnapKVConfig]) -> list[tuple[SnapKVConfig, float]]:
+    specs = []
+    for base in best:
+        for policy, sinks in itertools.product(("snapkv", "adakv", "pyramidkv"), (0, 4)):
+            specs += [(SnapKVConfig(window=base.window, kernel=base.kernel, pooling=base.pooling,
+                                    group_agg=base.group_agg, policy=policy, sink_tokens=sinks), r)
+                      for r in (4.0, 8.0)]
+    specs += [(SnapKVConfig(policy=p), r) for p in ("tova", "keynorm", "streaming") for r in (4.0, 8.0)]
+    return specs
 
 
-def run_configs(llm, prompts, cfgs, rows: list[dict], progress, task_id, max_tokens: int) -> None:
-    """Decode every prompt under every config (plus the full cache as the reference) and collect rows."""
-    for case, prefilled in prompts:
-        ref, *outs = prefilled.decode_many([None] + cfgs, max_tokens, record_queries=True,
-                                           done=lambda toks, c=case: answer_complete(llm, c, toks))
-        full_score = case.score(llm.tokenizer.decode(ref.token_ids, skip_special_tokens=True))
-        for cfg, out in zip(cfgs, outs):
-            recall = attention_recall(prefilled, ref.queries, out.kept)
-            rows.append(dict(case=case.key, task=case.task, prompt_tokens=len(prefilled), budget=cfg.budget,
-                             config=config_name(cfg), window=cfg.window, kernel=cfg.kernel, pooling=cfg.pooling,
-                             group_agg=cfg.group_agg, full_score=full_score,
-                             score=case.score(llm.tokenizer.decode(out.token_ids, skip_special_tokens=True)),
-                             recall=sum(recall) / len(recall)))
-        progress.advance(task_id)
-
-
-def rank(rows: list[dict]) -> list[tuple[str, float, float, dict]]:
-    """(config, mean score, mean recall, per-budget mean score), best first."""
-    by: dict[str, list[dict]] = {}
+def ranking(rows: list[dict], ratio: float | None = None) -> list[tuple[str, float, float, int]]:
+    """(config, mean KL, mean top-1, cases) per config over the compressed rows, lowest KL first."""
+    by = defaultdict(list)
     for r in rows:
-        by.setdefault(r["config"], []).append(r)
-    table = []
-    for name, rs in by.items():
-        budgets = sorted({r["budget"] for r in rs})
-        per_budget = {b: sum(r["score"] for r in rs if r["budget"] == b) / sum(r["budget"] == b for r in rs)
-                      for b in budgets}
-        table.append((name, sum(r["score"] for r in rs) / len(rs), sum(r["recall"] for r in rs) / len(rs),
-                      per_budget))
-    return sorted(table, key=lambda t: (-round(t[1], 6), -t[2]))
+        if r["policy"] != "full" and (ratio is None or r["ratio"] == ratio):
+            by[r["key"].split("|", 2)[2].rsplit("|", 1)[0]].append(r)
+    out = [(name, sum(r["kl"] for r in rs) / len(rs), sum(r["top1"] for r in rs) / len(rs), len(rs))
+           for name, rs in by.items()]
+    return sorted(out, key=lambda t: (t[1], -t[2]))
 
 
-def markdown(ranked, full: float, limit: int = 20) -> str:
-    budgets = sorted(ranked[0][3]) if ranked else []
-    lines = ["| config (window/kernel/pooling/group_agg) | " + " | ".join(f"budget {b}" for b in budgets)
-             + " | mean | attention recall |", "|---" * (len(budgets) + 3) + "|",
-             "| full cache | " + " | ".join(f"{full:.3f}" for _ in budgets) + f" | {full:.3f} | 1.000 |"]
-    for name, score, recall, per in ranked[:limit]:
-        lines.append(f"| {name} | " + " | ".join(f"{per[b]:.3f}" for b in budgets) + f" | {score:.3f} | {recall:.3f} |")
-    return "\n".join(lines)
+def config_of(name: str) -> SnapKVConfig:
+    """Inverse of quality.knobs: 'snapkv|w16k15maxmaxs0' -> the config."""
+    import re
+
+    policy, rest = name.split("|")
+    w, k, pooling, agg, sinks = re.fullmatch(r"w(\d+)k(\d+)(max|avg)(max|mean)s(\d+)", rest).groups()
+    return SnapKVConfig(window=int(w), kernel=int(k), pooling=pooling, group_agg=agg, policy=policy,
+                        sink_tokens=int(sinks))
+
+
+def markdown(stage1: list[tuple], stage2: dict[float, list[tuple]], cases: int) -> str:
+    lines = [f"# Defaults sweep, tuning split ({cases} cases)\n",
+             "Ranked by mean teacher-forced KL(full || compressed) over 64 tokens (lower is better), top-1 "
+             "agreement beside it. Command: `.venv/bin/python -m benchmarks.eval.tune`. These are in-sample "
+             "numbers: the report split (quality_report.md) is what the README quotes.\n",
+             "## Stage 1: SnapKV knobs at 4x\n", "| config | KL | top-1 | rows |", "|---|---|---|---|"]
+    lines += [f"| {n} | {kl:.4f} | {t1:.3f} | {c} |" for n, kl, t1, c in stage1]
+    for ratio, ranked in stage2.items():
+        lines += [f"\n## Stage 2: policies at {ratio:g}x\n", "| config | KL | top-1 | rows |", "|---|---|---|---|"]
+        lines += [f"| {n} | {kl:.4f} | {t1:.3f} | {c} |" for n, kl, t1, c in ranked]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     ap = argparse.ArgumentParser(prog="python -m benchmarks.eval.tune", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(DEFAULT_MODEL))
-    ap.add_argument("--tasks", default=",".join(SUITE))
-    ap.add_argument("--lengths", default="2048", help="prompt lengths in tokens, comma-separated")
-    ap.add_argument("--seeds", type=int, default=2, help="cases per task and length")
-    ap.add_argument("--budgets", default="256,512", help="2048-token prompts: 512 = 4x, 256 = 8x")
-    ap.add_argument("--full-grid", action="store_true", help="all 64 combinations instead of the staged sweep")
-    ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(RESULTS / "tune.jsonl"))
+    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
-    budgets = [int(b) for b in args.budgets.split(",")]
     llm = load_llm(args.model, args.threads)
-    cases = suite_cases(llm, args.tasks.split(","), [int(n) for n in args.lengths.split(",")], range(args.seeds))
-    start = time.perf_counter()
-    rows: list[dict] = []
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bar:
-        pre = bar.add_task("prefill", total=len(cases))
-        prompts = []
-        for case in cases:
-            prompts.append((case, PrefilledPrompt(llm, llm.encode_prompt(case.prompt, chat=True))))
-            bar.advance(pre)
-        if args.full_grid:
-            stage1 = grid(WINDOWS, KERNELS, POOLINGS, GROUP_AGGS, budgets)
-        else:
-            stage1 = grid(WINDOWS, KERNELS, ("max",), ("mean",), budgets)
-        t1 = bar.add_task("stage 1 configs", total=len(prompts))
-        run_configs(llm, prompts, stage1, rows, bar, t1, args.max_tokens)
-        if not args.full_grid:
-            best = []
-            for name, *_ in rank(rows):
-                w, k = name.split("/")[:2]
-                if (w, k) not in best:
-                    best.append((w, k))
-            stage2 = [c for w, k in best[:3] for c in grid((int(w[1:]),), (int(k[1:]),), POOLINGS, GROUP_AGGS,
-                                                            budgets) if (c.pooling, c.group_agg) != ("max", "mean")]
-            t2 = bar.add_task("stage 2 configs", total=len(prompts))
-            run_configs(llm, prompts, stage2, rows, bar, t2, args.max_tokens)
+    count = lambda text: len(llm.tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
+    cases = tuning_cases(count)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    full = sum(r["full_score"] for r in rows if r["config"] == rows[0]["config"] and r["budget"] == budgets[0])
-    full /= len(cases)
-    print(markdown(rank(rows), full))
-    print(f"\n{len(cases)} cases x {len({r['config'] for r in rows})} configs x {len(budgets)} budgets in "
-          f"{time.perf_counter() - start:.0f} s; rows in {out}")
+    start = time.perf_counter()
+    log = lambda done, total, key: print(f"  {done}/{total} {key} ({time.perf_counter() - start:.0f} s)",  # noqa
+                                         flush=True)
+    print(f"stage 1: {len(stage1_specs())} configs x {len(cases)} tuning cases", flush=True)
+    rows = run(llm, cases, "tuning", stage1_specs(), out, free_run=False, progress=log)
+    first = ranking(rows, 4.0)
+    best = [config_of(name) for name, *_ in first[:2]]
+    print("stage 1 best: " + ", ".join(knobs(c) for c in best), flush=True)
+    rows = run(llm, cases, "tuning", stage1_specs() + stage2_specs(best), out, free_run=False, progress=log)
+    stage2_keys = {knobs(c) for c, _ in stage2_specs(best)}
+    second = {r: [t for t in ranking(rows, r) if t[0] in stage2_keys] for r in (4.0, 8.0)}
+    md = out.with_suffix(".md")
+    md.write_text(markdown(first, second, len(cases)))
+    print(md.read_text())
+    print(f"{time.perf_counter() - start:.0f} s; rows: {out}")
 
 
 if __name__ == "__main__":
