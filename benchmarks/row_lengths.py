@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 from pathlib import Path
 
 import torch
@@ -23,12 +24,19 @@ RESULTS = ROOT / "benchmarks" / "results" / "row_lengths_cpu.md"
 
 
 def measure(llm, ids: list[int], batch: int, new_tokens: int) -> tuple[float, dict]:
+    """Median decode-step ms while all `batch` requests are live (prefills excluded), and one request's stats."""
     from engine import SamplingParams
 
-    outs = llm.generate(prompt_token_ids=[ids] * batch,
-                        sampling_params=SamplingParams(max_tokens=new_tokens, ignore_eos=True))
-    s = outs[0].stats
-    return 1000 * s["decode_s"] / (s["generated_tokens"] - 1), s
+    params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+    rids = [llm.add_request(prompt_token_ids=ids, sampling_params=params) for _ in range(batch)]
+    steps, stats = [], None
+    while llm.has_unfinished():
+        full = len(llm.scheduler.running) == batch and not llm.scheduler.waiting
+        outs = llm.step()
+        if full and llm.last_decode_s is not None:
+            steps.append(llm.last_decode_s)
+        stats = next((o.stats for o in outs if o.request_id == rids[0] and o.finished), stats)
+    return 1000 * statistics.median(steps), stats
 
 
 def main(argv: list[str] | None = None) -> None:

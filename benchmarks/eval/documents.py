@@ -3,7 +3,8 @@ one question whose short answer is stated exactly once, at depths from 10% to 95
 ever tuned on them.
 
 Each `documents/docNN_slug.txt` holds the text; `docNN_slug.json` the title, genre, question, answer and the needle
-sentence that states it. The prompt is the document followed by the question, as in `examples/long_prompt.txt`.
+sentence that states it. The prompt is the document followed by the question, as in `examples/long_prompt.txt`, and a request for the
+bare answer (as the synthetic tasks ask for the number only).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from pathlib import Path
 from benchmarks.eval.tasks import Case
 
 FOLDER = Path(__file__).resolve().parent / "documents"
+# answers are scored in the first 32 generated tokens; without this a 135M model restates the question first
+INSTRUCTION = "Answer with the name or number only."
 
 
 def load_documents(folder: Path = FOLDER) -> list[dict]:
@@ -37,7 +40,7 @@ def document_cases(count, folder: Path = FOLDER) -> list[Case]:
     """One case per document; `length` is the chat-formatted prompt's length in tokens (31 for the template)."""
     cases = []
     for i, doc in enumerate(load_documents(folder)):
-        prompt = f"{doc['text']}\n\nQuestion: {doc['question']}"
+        prompt = f"{doc['text']}\n\nQuestion: {doc['question']} {INSTRUCTION}"
         cases.append(Case("document", int(doc["name"][3:5]), count(prompt) + 31, round(doc["depth"], 2), prompt,
                           (doc["answer"],), "phrases"))
     return cases

@@ -173,6 +173,27 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def breakdown(rows: list[dict]) -> str:
+    """The same table for the real-text documents alone, and exact match by prompt length."""
+    docs = [r for r in rows if r["task"] == "document"]
+    parts = [f"## Real-text documents only ({len({r['case'] for r in docs})} cases)\n\n{table(docs)}\n"] if docs else []
+    synthetic = [r for r in rows if r["task"] != "document"]
+    lengths = sorted({r["length"] for r in synthetic})
+    if lengths:
+        head = "| policy | ratio | " + " | ".join(f"{n} tokens" for n in lengths) + " |"
+        lines = ["## Synthetic cases: exact match % by prompt length\n", head, "|---|---|" + "---|" * len(lengths)]
+        for s in summarize(synthetic):
+            cells = []
+            for n in lengths:
+                scores = [r["score"] for r in synthetic if r["length"] == n and r["policy"] == s["policy"] and
+                          r["ratio"] == s["ratio"]]
+                cells.append(f"{100 * _mean(scores):.1f} (n={len(scores)})")
+            ratio = "-" if s["policy"] == "full" else f"{s['ratio']:g}x"
+            lines.append(f"| {s['policy']} | {ratio} | " + " | ".join(cells) + " |")
+        parts.append("\n".join(lines) + "\n")
+    return "\n".join(parts)
+
+
 def plot(rows: list[dict], path: Path) -> Path:
     import matplotlib
 
@@ -215,6 +236,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--shard", default=None, help="K/N: only every N-th case from the K-th (0-based), rows to "
                     "OUT.K-of-N.jsonl; append the shards' rows to OUT and rerun without --shard for the table")
+    ap.add_argument("--longest-first", action="store_true", help="run the documents and the longest cases first")
+    ap.add_argument("--table-only", action="store_true", help="run nothing: the table of the rows OUT already has")
     args = ap.parse_args(argv)
     policies = [p for p in args.policies.split(",") if p]
     unknown = [p for p in policies if p not in POLICIES or p == "full"]
@@ -227,23 +250,32 @@ def main(argv: list[str] | None = None) -> None:
     llm = load_llm(args.model, args.threads)
     count = lambda text: len(llm.tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
     cases = (report_cases if args.split == "report" else tuning_cases)(count)[: args.limit]
+    if args.longest_first:  # the documents, then the synthetic cases longest first
+        cases = sorted(cases, key=lambda c: (c.task != "document", -c.length))
     if args.shard:
         k, n = (int(x) for x in args.shard.split("/"))
         cases, out = cases[k::n], out.with_suffix(f".{k}-of-{n}.jsonl")
     start = time.perf_counter()
+    if args.table_only:
+        keys = {c.key for c in cases}
+        rows = list({r["key"]: r for r in read_rows(out) if r["case"] in keys}.values())
+        cases = [c for c in cases if any(r["case"] == c.key for r in rows)]
+    else:
+        rows = None
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.fields[case]}")) as bar:
         task = bar.add_task(f"{args.split} split", total=len(cases), case="")
-        rows = run(llm, cases, args.split, specs, out,
-                   progress=lambda done, total, key: bar.update(task, completed=done, case=key))
+        if rows is None:
+            rows = run(llm, cases, args.split, specs, out,
+                       progress=lambda done, total, key: bar.update(task, completed=done, case=key))
     md = out.with_suffix(".md")
     png = plot(rows, out.with_suffix(".png"))
     knob_text = (f"window {defaults.window}, kernel {defaults.kernel}, {defaults.pooling} pooling, group "
                  f"{defaults.group_agg}, sinks {defaults.sinks}")
     md.write_text(f"# Quality, {args.split} split\n\nModel: {Path(args.model).name}, greedy. {len(cases)} cases "
                   f"({sum(c.task == 'document' for c in cases)} real-text documents). SnapKV-family knobs: "
-                  f"{knob_text}.\n\n{table(rows)}\n\nCommand: `.venv/bin/python -m benchmarks.eval.quality "
-                  f"--split {args.split}`; plot: {png.name}.\n")
+                  f"{knob_text}.\n\n{table(rows)}\n\n{breakdown(rows)}\nCommand: `.venv/bin/python -m "
+                  f"benchmarks.eval.quality --split {args.split}`; plot: {png.name}.\n")
     print(table(rows))
     print(f"\n{len(cases)} cases in {time.perf_counter() - start:.0f} s; rows: {out}; table: {md}")
 
