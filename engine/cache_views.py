@@ -52,7 +52,7 @@ class PrefillView:
 class DecodeView:
     def __init__(self, cache: KVCache, positions: torch.Tensor, sliding_window: int | None):
         self.cache, self.positions, self.sliding_window = cache, positions, sliding_window
-        self.backend = decode_backend(cache.device, needs_position_mask=sliding_window is not None)
+        self.backend = decode_backend(cache.device, cache.dtype, needs_position_mask=sliding_window is not None)
         self.begin_step(cache.capacity)
 
     def begin_step(self, span: int) -> None:
@@ -67,4 +67,5 @@ class DecodeView:
         valid = cache.visible(layer, span)
         if self.sliding_window is not None:
             valid = valid & cache.in_window(layer, self.positions, self.sliding_window, span)
-        return decode_attention(q, cache.k[layer, :, :, :span], cache.v[layer, :, :, :span], valid)
+        return decode_attention(q, cache.k[layer, :, :, :span], cache.v[layer, :, :, :span], valid,
+                                backend=self.backend)

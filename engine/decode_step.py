@@ -12,6 +12,8 @@ nothing reads back to the host; the host reads the `[b]` sampled tokens, once pe
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from engine.cache_views import DecodeView
@@ -83,18 +85,25 @@ def graph_capture_supported(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def capture_graph(fn, pool, warmup: int = 2):
+def on_device(device: torch.device):
+    """Make `device` the current CUDA device for a block (nothing to do for another device type)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def capture_graph(fn, pool, device: torch.device, warmup: int = 2):
     """Warm `fn` up on a side stream (as torch.cuda.graphs requires), then capture it into `pool`; returns the
-    graph and the output tensor that every replay refreshes."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        out = fn()
+    graph and the output tensor that every replay refreshes. Everything happens on `device`, the cache's (the
+    current device may be another: streams and captures are per device)."""
+    with on_device(device):
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            out = fn()
     return graph, out
 
 
@@ -106,9 +115,11 @@ class GraphedStep:
     """One captured (bucket, mode) step at the full capacity span. Capture runs on an empty cache (every slot
     inactive, so the warm-up writes only entries that a prefill overwrites and advances nothing)."""
 
-    def __init__(self, fn, capacity: int, pool):
-        self.graph, self.out = capture_graph(lambda: fn(capacity), pool)
+    def __init__(self, fn, capacity: int, pool, device: torch.device):
+        self.device = device
+        self.graph, self.out = capture_graph(lambda: fn(capacity), pool, device)
 
     def __call__(self, span: int) -> torch.Tensor:
-        self.graph.replay()
+        with on_device(self.device):  # replays go to the current stream of the capture's device
+            self.graph.replay()
         return self.out

@@ -22,9 +22,12 @@ class KVCacheTooLarge(ValueError):
 
 
 def available_memory_bytes(device: torch.device) -> int:
+    """Bytes this process could still allocate on `device`. On CUDA that is the driver's free memory plus the
+    blocks PyTorch's allocator holds cached but unused (a finished prefill leaves its peak there; it is reused
+    without asking the driver, so counting it as used would refuse prompts that fit)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return free
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     try:
         with open("/proc/meminfo") as f:
             info = dict(line.split(":", 1) for line in f)

@@ -32,11 +32,12 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import ProgressFn, RequestOutput, Sequence, Status
 from engine.tokenizer import Tokenizer
+from models.attention import prefill_repeats_kv
 from models.loader import load_config, load_model
 from snapkv.config import SnapKVConfig
 from snapkv.policies import SelectionPolicy, make_policy
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICES = ("cpu", "cuda")
 DEFAULT_NEW_TOKENS = 1024  # with SnapKV, a slot holds budget + this many entries unless max_kv_len says otherwise
 CACHE_MEMORY_SHARE = 0.5  # a default-sized cache takes at most this share of free memory; prefill needs the rest
@@ -44,11 +45,12 @@ ENGINE_POLICY = object()  # add_request(snapkv=...) default: the engine's own Sn
 
 
 class LLM:
-    def __init__(self, model: str | Path, device: str = "cpu", dtype: str | torch.dtype = "float32",
+    def __init__(self, model: str | Path, device: str = "cpu", dtype: str | torch.dtype = "auto",
                  snapkv: SnapKVConfig | None = None, max_batch_size: int = 8, max_kv_len: int | None = None,
                  max_model_len: int | None = None, allow_longer_context: bool = False, cuda_graph: bool = True,
                  compile: bool = False, prefill_chunk_size: int | None = None):
-        """max_batch_size: cache slots, i.e. requests decoded together. max_kv_len: entries a slot holds (default:
+        """dtype: of the weights and the KV cache; "auto" is bfloat16 on a GPU that supports it (else float16) and
+        float32 on CPU. max_batch_size: cache slots, i.e. requests decoded together. max_kv_len: entries a slot holds (default:
         the SnapKV budget + 1024 new tokens, or the model's length for the full cache; a default never takes more
         than half the free memory). allow_longer_context: accept prompts past the model's
         max_position_embeddings (RoPE extrapolates; the config's rope scaling, if any, applies). cuda_graph: on
@@ -61,8 +63,8 @@ class LLM:
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' requested but no CUDA GPU is available; use --device cpu")
-        self.dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
-        if self.dtype not in DTYPES.values():
+        self.dtype = resolve_dtype(dtype, self.device)
+        if self.dtype is None:
             raise ValueError(f"unsupported dtype {dtype!r}; use one of {', '.join(DTYPES)}")
         _check_positive("max_batch_size", max_batch_size)
         prefill_chunk_size = (4096 if self.device.type == "cuda" else 512) if prefill_chunk_size is None \
@@ -85,6 +87,7 @@ class LLM:
         self.max_model_len = (max_model_len or 1 << 31) if allow_longer_context else min(max_model_len or limit, limit)
         self.eos_ids = set(self.tokenizer.eos_token_ids) | set(self.config.eos_token_ids)
         self.kv_bytes_per_entry = self.config.kv_bytes_per_token(self.dtype.itemsize)
+        self.prefill_repeats_kv = prefill_repeats_kv(self.device, self.dtype, self.config.sliding_window)
         self.runner = ModelRunner(self.model, max_batch_size, self._capacity(max_kv_len), prefill_chunk_size,
                                   cuda_graph=cuda_graph, compile=compile)
         self.max_kv_len = self.runner.capacity
@@ -162,10 +165,11 @@ class LLM:
                              f"lower the SnapKV budget, or build the engine with max_kv_len >= {kept + m}")
         window = seq.policy.queries_needed
         e, chunk, kind = self.dtype.itemsize, self.prefill_chunk_size, self.device.type
-        estimate = predict_prefill_peak(self.config, n, e, chunk, window, kind)
+        estimate = predict_prefill_peak(self.config, n, e, chunk, window, kind, self.prefill_repeats_kv)
         free = available_memory_bytes(self.device)
         if estimate.total > free:
-            fits = longest_prompt_that_fits(self.config, free, e, chunk, window, kind)
+            fits = longest_prompt_that_fits(self.config, free, e, chunk, window, kind,
+                                            repeat_kv=self.prefill_repeats_kv)
             raise ValueError(
                 f"a {n}-token prompt needs about {format_bytes(estimate.total)} beyond the weights and the cache "
                 f"to prefill ({estimate.describe()}) but {format_bytes(free)} is free on {self.device}; about "
@@ -353,6 +357,17 @@ class LLM:
         finally:
             if seq.status is not Status.FINISHED:
                 self.abort(seq.request_id)
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype | None:
+    """The torch dtype for a name or dtype ("auto": bfloat16 on CUDA where supported, else float16; float32 on
+    CPU); None if it is not one the engine runs."""
+    if dtype == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    dtype = DTYPES.get(dtype) if isinstance(dtype, str) else dtype
+    return dtype if dtype in DTYPES.values() else None
 
 
 def _check_positive(name: str, value) -> None:

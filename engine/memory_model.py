@@ -8,8 +8,12 @@ of terms that each grow with at most one factor of the prompt length T:
     residual stream   T x hidden x dtype, updated in place                               (one prompt at a time)
     RoPE tables       T x head_dim x (2 x dtype + fp32 temporaries)
     one layer's K/V   2 x T x kv_heads x head_dim x dtype                                (never all layers)
-    attention mask    on CPU only: SDPA materializes the lower-right causal mask of a query chunk, chunk x T
-                      (two float copies plus a bool one, measured); CUDA kernels apply it without building it
+    attention mask    on CPU, SDPA materializes the lower-right causal mask of a query chunk, chunk x T (two
+                      float copies plus a bool one, measured); on CUDA the fused kernels apply a causal mask
+                      without building it, and only a sliding window's is built: a bool one and the memory-efficient
+                      kernel's additive copy of it, chunk x (window + chunk)
+    repeated K/V      on CUDA where a fused kernel cannot take GQA (models.attention.prefill_repeats_kv: float32, a
+                      pre-Ampere GPU, a sliding window), one chunk's keys and values repeated to the query heads
     then the largest of: a chunk's working set (norms, q, attention, MLP: chunk x ~(4 hidden + 3 heads x head_dim
     + 3 intermediate)) or SnapKV's scoring of the window (fp32 scores and softmax of one kv group,
     [group, window, T], plus [heads, T] votes and their pooled copies, and the sort of [kv_heads, T] scores)
@@ -39,12 +43,18 @@ class MemoryEstimate:
 
 
 def predict_prefill_peak(cfg: ModelConfig, prompt_len: int, dtype_bytes: int, chunk: int, window: int = 0,
-                         device_type: str = "cpu") -> MemoryEstimate:
+                         device_type: str = "cpu", repeat_kv: bool = False) -> MemoryEstimate:
     """Peak bytes one prompt's prefill adds beyond the weights and the (already allocated) static cache
-    (window: SnapKV's observation window, 0 without SnapKV)."""
+    (window: SnapKV's observation window, 0 without SnapKV; repeat_kv: whether attention repeats K/V to the query
+    heads, models.attention.prefill_repeats_kv)."""
     t, e = prompt_len, dtype_bytes
     c = min(chunk, t)
     hkv, d, h = cfg.num_kv_heads, cfg.head_dim, cfg.num_heads
+    keys = t if cfg.sliding_window is None else min(t, cfg.sliding_window + c)  # one query chunk's keys
+    if device_type == "cpu":
+        mask = c * t * (2 * FP32 + 1) if t > chunk else 0
+    else:
+        mask = c * keys * (1 + FP32) if cfg.sliding_window is not None and t > cfg.sliding_window else 0
     chunk_work = c * (4 * cfg.hidden_size + 3 * h * d + 4 * hkv * d + 3 * cfg.intermediate_size) * e
     group = h // hkv
     scoring = (3 * group * window * t + 4 * h * t) * FP32 + 3 * hkv * t * 8 if window else 0
@@ -52,7 +62,8 @@ def predict_prefill_peak(cfg: ModelConfig, prompt_len: int, dtype_bytes: int, ch
         "residual stream": t * cfg.hidden_size * e,
         "RoPE tables": t * d * (2 * e + 3 * FP32),
         "one layer's K/V": 2 * t * hkv * d * e,
-        "attention mask": c * t * (2 * FP32 + 1) if device_type == "cpu" and t > chunk else 0,
+        "attention mask": mask,
+        "repeated K/V": 2 * keys * h * d * e if repeat_kv and h != hkv else 0,
         "chunk or scoring work": max(chunk_work, scoring),
         "logits": cfg.vocab_size * (e + FP32),
     }
@@ -60,20 +71,22 @@ def predict_prefill_peak(cfg: ModelConfig, prompt_len: int, dtype_bytes: int, ch
 
 
 def predict_generation_peak(cfg: ModelConfig, prompt_len: int, capacity: int, batch: int, dtype_bytes: int,
-                            chunk: int, window: int = 0, device_type: str = "cpu") -> MemoryEstimate:
+                            chunk: int, window: int = 0, device_type: str = "cpu",
+                            repeat_kv: bool = False) -> MemoryEstimate:
     """The whole picture for one engine: a static cache of `capacity` entries for `batch` slots, plus the
     prefill of the longest prompt."""
-    prefill = predict_prefill_peak(cfg, prompt_len, dtype_bytes, chunk, window, device_type)
+    prefill = predict_prefill_peak(cfg, prompt_len, dtype_bytes, chunk, window, device_type, repeat_kv)
     cache = batch * capacity * cfg.kv_bytes_per_token(dtype_bytes)
     return MemoryEstimate(prefill.total + int(MARGIN * cache), {"KV cache": cache, **prefill.parts})
 
 
 def longest_prompt_that_fits(cfg: ModelConfig, free_bytes: int, dtype_bytes: int, chunk: int, window: int = 0,
-                             device_type: str = "cpu", cache_bytes_for=lambda t: 0, limit: int = 1 << 24) -> int:
+                             device_type: str = "cpu", cache_bytes_for=lambda t: 0, limit: int = 1 << 24,
+                             repeat_kv: bool = False) -> int:
     """The longest prompt whose predicted prefill peak, plus cache_bytes_for(T) of cache still to be allocated
     for it (0 for an engine whose cache exists), fits in free_bytes."""
     def fits(t):
-        peak = predict_prefill_peak(cfg, t, dtype_bytes, chunk, window, device_type).total
+        peak = predict_prefill_peak(cfg, t, dtype_bytes, chunk, window, device_type, repeat_kv).total
         return peak + int(MARGIN * cache_bytes_for(t)) <= free_bytes
 
     if not fits(1):

@@ -63,7 +63,7 @@ class ModelRunner:
         pool = new_graph_pool()
         for b in reversed(self.buckets):  # largest first: the smaller graphs reuse its memory from the pool
             for m in MODES:
-                self.runners[b, m] = GraphedStep(self.runners[b, m], self.capacity, pool)
+                self.runners[b, m] = GraphedStep(self.runners[b, m], self.capacity, pool, self.device)
         self.inputs.active.zero_()
 
     @torch.inference_mode()

@@ -1,8 +1,11 @@
 """Attention math shared by the model's default path and the engine's cache views: causal prefill attention
 (optionally sliding-window) and single-query decode attention over a padded static cache, by flash-attn's
-`flash_attn_with_kvcache` when that optional package is importable on CUDA, else by SDPA. GQA is native in both
-(prefill: SDPA's `enable_gqa`; decode: each kv head's query group attends as one short query block), so K/V are
-never repeated to the query-head count."""
+`flash_attn_with_kvcache` when that optional package is importable and can run (CUDA, compute capability 8.0+,
+fp16/bf16), else by SDPA (or, on CUDA, optionally by a split-KV path in plain torch ops). GQA is native in both (prefill: SDPA's `enable_gqa`; decode: each kv head's query group
+attends as one short query block), so K/V are not repeated to the query-head count — except on CUDA where a fused
+kernel could not take GQA (see `prefill_repeats_kv`): SDPA would then fall back to its math kernel, which builds the
+whole fp32 score matrix, and repeating one layer's K/V costs far less.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +17,40 @@ try:  # optional: there is no PyPI wheel; install it yourself on a CUDA machine 
     from flash_attn import flash_attn_with_kvcache
 except ImportError:
     flash_attn_with_kvcache = None
+
+FUSED_DEVICE_TYPES = ("cuda",)  # devices whose SDPA has flash / memory-efficient kernels (and no CPU fallback)
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def device_capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def flash_kernels_run(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether flash-attention kernels (flash-attn's, and SDPA's flash backend) run here: CUDA, compute
+    capability 8.0 (Ampere) or later, fp16/bf16 (flash-attn refuses float32)."""
+    return device.type in FUSED_DEVICE_TYPES and dtype in HALF_DTYPES and device_capability(device) >= (8, 0)
+
+
+def prefill_repeats_kv(device: torch.device, dtype: torch.dtype, sliding_window: int | None) -> bool:
+    """On CUDA, whether prefill attention repeats K/V to the query heads. SDPA runs GQA (`enable_gqa`) only in its
+    flash kernel, and that takes no mask tensor; a sliding-window mask, float32 or a pre-Ampere GPU with GQA would
+    fall back to the math kernel (fp32 scores, chunk x keys x heads). Repeated K/V let the memory-efficient kernel
+    run instead. The memory model counts the repeated K/V and the mask."""
+    return device.type in FUSED_DEVICE_TYPES and (sliding_window is not None or not flash_kernels_run(device, dtype))
+
+
+@torch.library.custom_op("snapkv::flash_decode", mutates_args=())
+def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 cache_seqlens: torch.Tensor) -> torch.Tensor:
+    """flash-attn's `flash_attn_with_kvcache`, registered as a torch op so that `torch.compile(fullgraph=True)`
+    traces through it (a plain call into an extension would break the graph)."""
+    return flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=cache_seqlens)
+
+
+@flash_decode.register_fake
+def _(q, k_cache, v_cache, cache_seqlens):
+    return torch.empty_like(q)
 
 
 def causal_mask(q_len: int, k_len: int, device, sliding_window: int | None = None) -> torch.Tensor:
@@ -31,22 +68,68 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       sliding_window: int | None = None) -> torch.Tensor:
     """q [B, H, T, D], k/v [B, Hkv, S, D] with the queries at the last T of S positions -> [B, H, T, D]."""
     t, s = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    if gqa and prefill_repeats_kv(q.device, q.dtype, sliding_window):
+        group = q.shape[1] // k.shape[1]
+        k, v, gqa = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), False
     if sliding_window is None or sliding_window >= s:
         if t == s:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         # a query chunk after earlier keys: lower-right causal, which SDPA runs without building the mask
         mask = causal_lower_right(t, s)
     else:
         mask = causal_mask(t, s, q.device, sliding_window)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
-def decode_backend(device: torch.device, needs_position_mask: bool) -> str:
-    """"flash" when flash-attn is importable and the cache is on CUDA, else "sdpa". flash-attn only knows
-    per-sequence lengths, so a sliding window over a compressed cache (a per-entry position mask) needs SDPA."""
-    if flash_attn_with_kvcache is not None and device.type == "cuda" and not needs_position_mask:
+SPLIT_LENGTH = 256  # entries per split of the split-KV decode path
+# The decode path on CUDA without flash-attn: "sdpa" (SDPA's memory-efficient kernel; measured on an H200 it keeps
+# the step constant in context length, but reads a long cache at ~0.2 TB/s: it parallelizes over (batch, kv heads)
+# only, 8 blocks for one Llama-3-8B sequence) or "split" (`split_decode_attention`, which parallelizes over splits
+# of the cache too; correct on CPU and in tests/test_cuda.py, not yet timed on a GPU: make gpu-check times both).
+CUDA_DECODE = "sdpa"
+
+
+def decode_backend(device: torch.device, dtype: torch.dtype, needs_position_mask: bool) -> str:
+    """"flash" when flash-attn is importable and runs for this cache (`flash_kernels_run`); else CUDA_DECODE on
+    CUDA and "sdpa" elsewhere. flash-attn only knows per-sequence lengths, so a sliding window over a compressed
+    cache (a per-entry position mask) never goes to flash."""
+    if flash_attn_with_kvcache is not None and not needs_position_mask and flash_kernels_run(device, dtype):
         return "flash"
-    return "sdpa"
+    return CUDA_DECODE if device.type in FUSED_DEVICE_TYPES else "sdpa"
+
+
+def split_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Flash-decoding in plain torch ops: q [B, Hkv, G, D] (G query heads per kv head), k/v [B, Hkv, C, D], valid
+    [B, Hkv, C] -> [B, Hkv, G, D]. The C entries are cut into splits of SPLIT_LENGTH (plus one for the remainder);
+    each split's scores, max, exp-sum and weighted values come from batched matmuls that run over every (row,
+    split) at once, and the splits are merged by their log-sum-exp. Scores and softmax are float32 (the q.k
+    products are rounded to the cache dtype first, as HF's eager attention does). The splits are free views only
+    when the span is a multiple of SPLIT_LENGTH; otherwise matmul copies K and V once per step."""
+    c = k.shape[2]
+    main = c - c % SPLIT_LENGTH
+    parts = []
+    if main:
+        parts.append(_split_partials(q, k[:, :, :main], v[:, :, :main], valid[..., :main], main // SPLIT_LENGTH))
+    if main < c:
+        parts.append(_split_partials(q, k[:, :, main:], v[:, :, main:], valid[..., main:], 1))
+    m, total, out = (torch.cat(x, dim=2) for x in zip(*parts))  # [B, Hkv, S, G, 1|D]
+    top = m.amax(2, keepdim=True)
+    weight = torch.exp(m - top)  # a split with nothing visible has m = -inf-like and weight 0
+    out = (weight * out).sum(2) / (weight * total).sum(2)
+    return out.to(q.dtype)
+
+
+def _split_partials(q, k, v, valid, splits: int):
+    b, hkv, c, d = k.shape
+    n = c // splits
+    scores = torch.matmul(q[:, :, None], k.reshape(b, hkv, splits, n, d).transpose(-1, -2)).float()  # [B,Hkv,S,G,n]
+    scores = (scores * d ** -0.5).masked_fill(~valid.reshape(b, hkv, splits, 1, n), -1e30)
+    m = scores.amax(-1, keepdim=True)
+    p = torch.exp(scores - m)
+    p = p * valid.reshape(b, hkv, splits, 1, n)  # a split with nothing visible: exp(0) = 1 everywhere, zeroed here
+    out = torch.matmul(p.to(v.dtype), v.reshape(b, hkv, splits, n, d)).float()
+    return m, p.sum(-1, keepdim=True), out
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, valid: torch.Tensor | None,
@@ -62,9 +145,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         # flash-attn: [batch, seqlen, heads, D]; every (sequence, kv head) row is a batch entry of its own length,
         # its group of query heads attending over one kv head (a view: strides, last dim contiguous)
         c = k_cache.shape[2]
-        out = flash_attn_with_kvcache(grouped.reshape(b * hkv, 1, h // hkv, d),
-                                      k_cache.reshape(b * hkv, c, 1, d), v_cache.reshape(b * hkv, c, 1, d),
-                                      cache_seqlens=lengths.reshape(-1).to(torch.int32))
+        out = flash_decode(grouped.reshape(b * hkv, 1, h // hkv, d), k_cache.reshape(b * hkv, c, 1, d),
+                           v_cache.reshape(b * hkv, c, 1, d), lengths.reshape(-1).to(torch.int32))
         return out.view(b, h, 1, d)
+    if backend == "split":
+        return split_decode_attention(grouped, k_cache, v_cache, valid).reshape(b, h, 1, d)
     out = F.scaled_dot_product_attention(grouped, k_cache, v_cache, attn_mask=valid[:, :, None, :])
     return out.reshape(b, h, 1, d)

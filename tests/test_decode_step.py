@@ -1,15 +1,14 @@
 """engine.decode_step / model_runner: the static step compiles with fullgraph once per bucket and never again
 across calls of any shape (the CPU stand-in for "capturable as a CUDA graph"), and equals eager token for token;
 graphs are captured once per (bucket, sampling mode) when the engine is built and never while serving (a fake
-graph on CPU, the real thing on a GPU); the attention backend falls back to SDPA, and the flash-attn plumbing
-matches SDPA when a (stand-in) flash-attn is present."""
+graph on CPU; tests/test_cuda.py runs the real thing on a GPU). The flash-attn and CUDA stand-ins are in
+tests/test_gpu_readiness.py."""
 
 import pytest
 import torch
 
 import engine.decode_step as decode_step
 import engine.model_runner as model_runner
-import models.attention as attention
 from engine import LLM, SamplingParams
 from engine.model_runner import batch_bucket, batch_buckets
 from snapkv import SnapKVConfig
@@ -80,7 +79,7 @@ def test_graphs_captured_once_per_bucket_and_mode(tmp_path, monkeypatch):
     while serving calls of any shape, and replays give the eager tokens."""
     FakeGraph.captures = []
 
-    def fake_capture(fn, pool, warmup=2):
+    def fake_capture(fn, pool, device, warmup=2):
         graph = FakeGraph(fn)
         return graph, graph.out
 
@@ -95,61 +94,3 @@ def test_graphs_captured_once_per_bucket_and_mode(tmp_path, monkeypatch):
     assert len(FakeGraph.captures) == 9  # graphs only when asked for
     assert mixed_calls(graphed) == mixed_calls(eager)
     assert len(FakeGraph.captures) == 9  # never re-captured
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU; the fake-graph and "
-                                                          "compiled-step tests are the CPU stand-ins")
-def test_cuda_graph_replay_equals_eager(tmp_path):
-    path = tiny_model_dir(tmp_path, "mistral", sliding_window=40)
-    cfg = SnapKVConfig(budget=48, window=8)
-    graphed = LLM(path, device="cuda", snapkv=cfg, max_batch_size=4, cuda_graph=True)
-    eager = LLM(path, device="cuda", snapkv=cfg, max_batch_size=4, cuda_graph=False)
-    assert mixed_calls(graphed) == mixed_calls(eager)
-
-
-def test_backend_choice_falls_back_to_sdpa(monkeypatch):
-    monkeypatch.setattr(attention, "flash_attn_with_kvcache", None)
-    assert attention.decode_backend(torch.device("cuda"), needs_position_mask=False) == "sdpa"
-    monkeypatch.setattr(attention, "flash_attn_with_kvcache", lambda *a, **k: None)
-    assert attention.decode_backend(torch.device("cuda"), needs_position_mask=False) == "flash"
-    assert attention.decode_backend(torch.device("cuda"), needs_position_mask=True) == "sdpa"
-    assert attention.decode_backend(torch.device("cpu"), needs_position_mask=False) == "sdpa"
-
-
-def fake_flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens):
-    """flash-attn's documented semantics, in plain torch: q [B, 1, H, D], caches [B, C, Hkv, D] (any strides,
-    last dim contiguous), cache_seqlens int32 [B]; output [B, 1, H, D]."""
-    assert k_cache.stride(-1) == 1 and cache_seqlens.dtype == torch.int32
-    b, _, h, d = q.shape
-    out = torch.empty_like(q)
-    for i in range(b):
-        n = int(cache_seqlens[i])
-        k = k_cache[i, :n].transpose(0, 1).repeat_interleave(h // k_cache.shape[2], 0)  # [H, n, D]
-        v = v_cache[i, :n].transpose(0, 1).repeat_interleave(h // k_cache.shape[2], 0)
-        weights = (q[i, 0, :, None] @ k.transpose(1, 2) / d ** 0.5).softmax(-1)  # [H, 1, n]
-        out[i, 0] = (weights @ v)[:, 0]
-    return out
-
-
-@pytest.mark.parametrize("kv_heads,policy", [(1, "snapkv"), (2, "adakv")])
-def test_flash_path_matches_sdpa(tmp_path, monkeypatch, kv_heads, policy):
-    """The flash-attn route (layout transposes, one length per (sequence, kv head) row: AdaKV's rows differ)
-    gives the tokens SDPA gives; run on CPU with a stand-in."""
-    path = tiny_model_dir(tmp_path, "llama", num_key_value_heads=kv_heads)
-    prompts = [list(range(3, 80)), list(range(10, 40))]
-    params = SamplingParams(max_tokens=16, ignore_eos=True)
-    cfg = SnapKVConfig(budget=32, window=4, policy=policy)
-    sdpa = LLM(path, snapkv=cfg).generate(prompt_token_ids=prompts, sampling_params=params)
-    calls = []
-
-    def counting_flash(*args, **kwargs):
-        calls.append(1)
-        return fake_flash_attn_with_kvcache(*args, **kwargs)
-
-    monkeypatch.setattr(attention, "flash_attn_with_kvcache", counting_flash)
-    import engine.cache_views
-
-    monkeypatch.setattr(engine.cache_views, "decode_backend", lambda device, needs_position_mask: "flash")
-    flash = LLM(path, snapkv=cfg).generate(prompt_token_ids=prompts, sampling_params=params)
-    assert [o.token_ids for o in flash] == [o.token_ids for o in sdpa]
-    assert len(calls) == 15 * 2  # 15 decode steps x 2 layers went through the flash route
