@@ -163,8 +163,8 @@ def run_decode(report: Report, p: dict, device: torch.device) -> dict:
         elif floor is None:
             lines.append(f"| {r['context']} | {r['config']} | {r['ms']:.2f} | | | |")
         else:
-            lines.append(f"| {r['context']} | {r['config']} | {r['ms']:.2f} | {floor:.2f} | {100 * floor / r['ms']:.0f}% "
-                         f"| {r['bytes'] / r['ms'] / 1e6:.0f} |")
+            lines.append(f"| {r['context']} | {r['config']} | {r['ms']:.2f} | {floor:.2f} | "
+                         f"{100 * floor / r['ms']:.0f}% | {r['bytes'] / r['ms'] / 1e6:.0f} |")
     goals = []
     for b in p["budgets"]:
         a, z = ms(f"engine SnapKV {b}", first), ms(f"engine SnapKV {b}", last)

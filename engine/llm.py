@@ -50,9 +50,9 @@ class LLM:
                  max_model_len: int | None = None, allow_longer_context: bool = False, cuda_graph: bool = True,
                  compile: bool = False, prefill_chunk_size: int | None = None):
         """dtype: of the weights and the KV cache; "auto" is bfloat16 on a GPU that supports it (else float16) and
-        float32 on CPU. max_batch_size: cache slots, i.e. requests decoded together. max_kv_len: entries a slot holds (default:
-        the SnapKV budget + 1024 new tokens, or the model's length for the full cache; a default never takes more
-        than half the free memory). allow_longer_context: accept prompts past the model's
+        float32 on CPU. max_batch_size: cache slots, i.e. requests decoded together. max_kv_len: entries a slot
+        holds (default: the SnapKV budget + 1024 new tokens, or the model's length for the full cache; a default
+        never takes more than half the free memory). allow_longer_context: accept prompts past the model's
         max_position_embeddings (RoPE extrapolates; the config's rope scaling, if any, applies). cuda_graph: on
         CUDA, decode by replaying captured graphs (False: eager). compile: run the decode step through
         torch.compile (with cuda_graph on CUDA, the compiled step is what gets captured). prefill_chunk_size:

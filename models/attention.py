@@ -1,10 +1,11 @@
 """Attention math shared by the model's default path and the engine's cache views: causal prefill attention
 (optionally sliding-window) and single-query decode attention over a padded static cache, by flash-attn's
 `flash_attn_with_kvcache` when that optional package is importable and can run (CUDA, compute capability 8.0+,
-fp16/bf16), else by SDPA (or, on CUDA, optionally by a split-KV path in plain torch ops). GQA is native in both (prefill: SDPA's `enable_gqa`; decode: each kv head's query group
-attends as one short query block), so K/V are not repeated to the query-head count — except on CUDA where a fused
-kernel could not take GQA (see `prefill_repeats_kv`): SDPA would then fall back to its math kernel, which builds the
-whole fp32 score matrix, and repeating one layer's K/V costs far less.
+fp16/bf16), else by SDPA (or, on CUDA, optionally by a split-KV path in plain torch ops). GQA is native in both
+(prefill: SDPA's `enable_gqa`; decode: each kv head's query group attends as one short query block), so K/V are not
+repeated to the query-head count — except on CUDA where a fused kernel could not take GQA (see
+`prefill_repeats_kv`): SDPA would then fall back to its math kernel, which builds the whole fp32 score matrix, and
+repeating one layer's K/V costs far less.
 """
 
 from __future__ import annotations

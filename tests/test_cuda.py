@@ -1,10 +1,10 @@
-"""The CUDA path on a real GPU (skipped without one; `make gpu-check` runs this file first). Graph replay equals
-eager decoding token for token at batch 1, 4 and 8, in bf16 and fp16, on Llama (flash-attn when it imports, SDPA's
-memory-efficient kernel, the split-KV path) and Mistral (sliding window: SDPA or split-KV); no prefill attention falls back to SDPA's
-math kernel (it is disabled, so a fallback raises) in any dtype.
+"""The CUDA path on a real GPU (skipped without one; `make gpu-check` runs this file first). Graph replay equals eager
+decoding token for token at batch 1, 4 and 8, in bf16 and fp16, on Llama (flash-attn when it imports, SDPA's
+memory-efficient kernel, the split-KV path) and Mistral (sliding window: SDPA or split-KV); no prefill attention
+falls back to SDPA's math kernel (it is disabled, so a fallback raises) in any dtype.
 
-SNAPKV_TEST_DEVICE=cpu runs the same tests on CPU (no graphs there: eager against eager), which is how the
-gpu-check dry run keeps this file from rotting between GPU sessions.
+SNAPKV_TEST_DEVICE=cpu runs the same tests on CPU (no graphs there: eager against eager), which is how the gpu-
+check dry run keeps this file from rotting between GPU sessions.
 """
 
 import os

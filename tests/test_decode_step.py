@@ -4,7 +4,6 @@ graphs are captured once per (bucket, sampling mode) when the engine is built an
 graph on CPU; tests/test_cuda.py runs the real thing on a GPU). The flash-attn and CUDA stand-ins are in
 tests/test_gpu_readiness.py."""
 
-import pytest
 import torch
 
 import engine.decode_step as decode_step
