@@ -3,6 +3,10 @@ and SDPA, against the bytes they must read), and the top kernels of one eager en
 Llama-3-8B layer shape with a few layers.
 
     PYTHONPATH=. python3 -m benchmarks.decode_profile --entries 16384,131072 --layers 4
+    PYTHONPATH=. python3 -m benchmarks.decode_profile --crossover 1024,2048,4096,8192,16384
+
+--crossover times the whole graphed engine step (32 layers, full cache of that many entries) with SDPA and with
+split-KV decode at two split lengths, to find where split-KV starts to win.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from benchmarks.decode import SHAPES, build_model
+from benchmarks.decode import SHAPES, build_model, engine_step_ms
 from engine.model_runner import ModelRunner
 from models import attention
 
@@ -63,11 +67,30 @@ def profile_step(layers: int, entries: int, dtype: torch.dtype) -> None:
     print(prof.key_averages().table(sort_by="device_time_total", row_limit=18, max_name_column_width=70), flush=True)
 
 
+def crossover(entries: list[int], dtype: torch.dtype) -> None:
+    model = build_model("llama3-8b", torch.device("cuda"), dtype)
+    variants = (("sdpa", "sdpa", attention.SPLIT_LENGTH), ("split 256", "split", 256),
+                ("split 1024", "split", 1024))
+    default = attention.CUDA_DECODE, attention.SPLIT_LENGTH
+    print("| entries | " + " | ".join(v[0] for v in variants) + " |", flush=True)
+    for n in entries:
+        cells = []
+        for _, backend, length in variants:
+            attention.CUDA_DECODE, attention.SPLIT_LENGTH = backend, length
+            cells.append(f"{engine_step_ms(model, 1, n, 30, 'graph'):.2f}")
+        print(f"| {n} | " + " | ".join(cells) + " |", flush=True)
+    attention.CUDA_DECODE, attention.SPLIT_LENGTH = default
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--entries", default="16384,131072")
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--crossover", default=None, help="comma-separated cache sizes: graphed step, SDPA vs split")
     args = parser.parse_args()
+    if args.crossover:
+        crossover([int(e) for e in args.crossover.split(",")], torch.bfloat16)
+        return
     entries = [int(e) for e in args.entries.split(",")]
     for n in entries:
         attention_alone(n, torch.bfloat16)

@@ -84,11 +84,14 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 SPLIT_LENGTH = 256  # entries per split of the split-KV decode path
-# The decode path on CUDA without flash-attn: "sdpa" (SDPA's memory-efficient kernel; measured on an H200 it keeps
-# the step constant in context length, but reads a long cache at ~0.2 TB/s: it parallelizes over (batch, kv heads)
-# only, 8 blocks for one Llama-3-8B sequence) or "split" (`split_decode_attention`, which parallelizes over splits
-# of the cache too; correct on CPU and in tests/test_cuda.py, not yet timed on a GPU: make gpu-check times both).
-CUDA_DECODE = "sdpa"
+SPLIT_FROM = 16384  # "auto" takes the split-KV path from this many attended entries on
+# The decode path on CUDA without flash-attn. SDPA's kernel parallelizes over (batch, kv heads) only, 8 blocks for
+# one Llama-3-8B sequence, and reads a long cache at ~0.2 TB/s; `split_decode_attention` parallelizes over splits of
+# the cache too (1.5 TB/s at 128K entries) but launches more kernels. Measured on an H200 (graphed 8B step, bf16,
+# benchmarks/results/gpu_h200_decode_paths.md): SDPA wins up to 8K entries (8.07 vs 10.63 ms at 1K), split-KV from
+# 16K on (15.9 vs 18.0 ms; 53 vs 92 ms at 128K). "auto" picks by the attended span, which is fixed per captured
+# graph; "sdpa" or "split" force one path.
+CUDA_DECODE = "auto"
 
 
 def decode_backend(device: torch.device, dtype: torch.dtype, needs_position_mask: bool) -> str:
@@ -149,7 +152,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         out = flash_decode(grouped.reshape(b * hkv, 1, h // hkv, d), k_cache.reshape(b * hkv, c, 1, d),
                            v_cache.reshape(b * hkv, c, 1, d), lengths.reshape(-1).to(torch.int32))
         return out.view(b, h, 1, d)
-    if backend == "split":
+    if backend == "split" or (backend == "auto" and k_cache.shape[2] >= SPLIT_FROM):
         return split_decode_attention(grouped, k_cache, v_cache, valid).reshape(b, h, 1, d)
     out = F.scaled_dot_product_attention(grouped, k_cache, v_cache, attn_mask=valid[:, :, None, :])
     return out.reshape(b, h, 1, d)

@@ -42,12 +42,13 @@ def engines(path, dtype, flash: bool, monkeypatch):
 @pytest.mark.parametrize("kind", KINDS)
 def test_graph_replay_equals_eager(tmp_path, monkeypatch, kind, dtype, flash):
     path = tiny_model_dir(tmp_path, kind, **KINDS[kind])
-    if flash == "split":
+    split = flash == "split"
+    if split:
         monkeypatch.setattr(attention, "CUDA_DECODE", "split")
         flash = False
     graphed, eager = engines(path, dtype, flash and kind == "llama", monkeypatch)
     if DEVICE == "cuda":
-        expected = "flash" if flash and kind == "llama" else "sdpa"
+        expected = "split" if split else "flash" if flash and kind == "llama" else "auto"
         assert graphed.runner.steps[8].view.backend == expected
         assert graphed.runner.graphed and len(graphed.runner.runners) == 4 * 3  # buckets 1, 2, 4, 8 x modes
     for batch in (1, 4, 8):  # requests of one call finish together: each call runs one bucket

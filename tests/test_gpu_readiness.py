@@ -65,12 +65,12 @@ def fake_flash(monkeypatch):
 def test_backend_choice(monkeypatch, cuda_like):
     cuda = torch.device("cuda")
     monkeypatch.setattr(attention, "flash_attn_with_kvcache", None)
-    assert attention.decode_backend(cuda, torch.bfloat16, needs_position_mask=False) == "sdpa"
+    assert attention.decode_backend(cuda, torch.bfloat16, needs_position_mask=False) == "auto"
     monkeypatch.setattr(attention, "flash_attn_with_kvcache", lambda *a, **k: None)
     assert attention.decode_backend(cuda, torch.bfloat16, needs_position_mask=False) == "flash"
     assert attention.decode_backend(cuda, torch.float16, needs_position_mask=False) == "flash"
-    assert attention.decode_backend(cuda, torch.float32, needs_position_mask=False) == "sdpa"  # flash-attn: no fp32
-    assert attention.decode_backend(cuda, torch.bfloat16, needs_position_mask=True) == "sdpa"  # sliding window
+    assert attention.decode_backend(cuda, torch.float32, needs_position_mask=False) == "auto"  # flash-attn: no fp32
+    assert attention.decode_backend(cuda, torch.bfloat16, needs_position_mask=True) == "auto"  # sliding window
     monkeypatch.setattr(attention, "CUDA_DECODE", "split")
     assert attention.decode_backend(cuda, torch.bfloat16, needs_position_mask=True) == "split"
     cuda_like((7, 5))  # Turing: flash-attn 2 needs sm80+
@@ -93,12 +93,12 @@ def test_flash_route_through_the_real_backend_choice(tmp_path, cuda_like, fake_f
     flash_tokens = [o.token_ids for o in flash.generate(prompt_token_ids=prompts, sampling_params=params)]
     assert fake_flash == [torch.float16] * 15 * 2  # 15 decode steps x 2 layers, all in fp16
     fp32 = LLM(path, snapkv=cfg, dtype="float32")
-    assert fp32.runner.steps[2].view.backend == "sdpa"
+    assert fp32.runner.steps[2].view.backend == "auto"
     fp32.generate(prompt_token_ids=prompts, sampling_params=params)
     assert len(fake_flash) == 30  # float32 never reached flash-attn
     attention.flash_attn_with_kvcache = None  # (restored by the fixture) the same fp16 engine on SDPA
     sdpa = LLM(path, snapkv=cfg, dtype="float16")
-    assert sdpa.runner.steps[2].view.backend == "sdpa"
+    assert sdpa.runner.steps[2].view.backend == "auto"
     assert [o.token_ids for o in sdpa.generate(prompt_token_ids=prompts, sampling_params=params)] == flash_tokens
 
 
@@ -119,8 +119,9 @@ def test_split_decode_attention_equals_sdpa(entries):
 @pytest.mark.parametrize("kind,overrides", [("llama", {}), ("mistral", {"sliding_window": 40})])
 def test_split_route_tokens_equal_sdpa(tmp_path, monkeypatch, cuda_like, kind, overrides):
     """On "CUDA" with the split-KV decode path chosen, every decode attention goes through it, token for token as
-    SDPA."""
+    SDPA; "auto" (the default) takes it exactly when the attended span reaches SPLIT_FROM."""
     monkeypatch.setattr(attention, "SPLIT_LENGTH", 32)  # several splits on a tiny cache
+    monkeypatch.setattr(attention, "CUDA_DECODE", "sdpa")
     path = tiny_model_dir(tmp_path, kind, **overrides)
     prompts = [list(range(3, 150)), list(range(10, 40))]
     params = SamplingParams(max_tokens=40, ignore_eos=True)
@@ -136,6 +137,13 @@ def test_split_route_tokens_equal_sdpa(tmp_path, monkeypatch, cuda_like, kind, o
     monkeypatch.setattr(attention, "split_decode_attention", lambda *a: calls.append(1) or real(*a))
     assert [o.token_ids for o in split.generate(prompt_token_ids=prompts, sampling_params=params)] == expected
     assert len(calls) == 39 * 2  # 39 decode steps x 2 layers
+    monkeypatch.setattr(attention, "CUDA_DECODE", "auto")
+    for split_from, routed in ((10**9, 0), (1, 39 * 2)):
+        monkeypatch.setattr(attention, "SPLIT_FROM", split_from)
+        calls.clear()
+        auto = LLM(path, snapkv=cfg)
+        assert [o.token_ids for o in auto.generate(prompt_token_ids=prompts, sampling_params=params)] == expected
+        assert len(calls) == routed
 
 
 def test_flash_route_compiles_with_fullgraph(tmp_path, cuda_like, fake_flash):
