@@ -22,29 +22,49 @@ from snapkv.policies import SelectionPolicy
 
 class PrefillView:
     def __init__(self, cache: KVCache, slot: int, policy: SelectionPolicy, record_kept: bool = False,
-                 progress: Callable[[int, int], None] | None = None):
+                 progress: Callable[[int, int], None] | None = None,
+                 past_positions: list[torch.Tensor] | None = None, start: int = 0):
+        """past_positions: for a conversation's next turn, per layer the positions [kv_heads, P] of the entries
+        the slot already holds (the new tokens sit at start, start + 1, ...); they are candidates again."""
         self.cache, self.slot, self.policy, self.progress = cache, slot, policy, progress
-        self.kept: list[torch.Tensor] | None = [] if record_kept else None  # per layer: [kv_heads, n] positions
+        self.past_positions, self.start = past_positions, start
+        record = record_kept or past_positions is not None
+        self.kept: list[torch.Tensor] | None = [] if record else None  # per layer: [kv_heads, n] positions
         self.entries = 0  # entries held, summed over layers and kv heads
         self.longest = 0  # the most entries one (layer, kv head) row holds
         self.tail_queries = policy.queries_needed
 
+    def past(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The entries this slot holds from earlier turns, [1, kv_heads, P, head_dim] views (read before store)."""
+        if self.past_positions is None or not self.past_positions[layer].shape[-1]:
+            return None
+        n = self.past_positions[layer].shape[-1]
+        return self.cache.k[layer, self.slot, None, :, :n], self.cache.v[layer, self.slot, None, :, :n]
+
     def store(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Select this layer's entries to keep (q: at least the last `tail_queries` queries) and write them."""
+        """Select this layer's entries to keep among the candidates k/v (q: at least the last `tail_queries`
+        queries) and write them."""
         keep = self.policy.select(q, k, layer)
-        k, v = k[0], v[0]  # prefill runs one sequence: [kv_heads, T, head_dim]
+        k, v = k[0], v[0]  # prefill runs one sequence: [kv_heads, candidates, head_dim]
+        heads, candidates = k.shape[:2]
         if keep is None:
-            keep = torch.arange(k.shape[1], device=k.device).expand(k.shape[0], -1)
+            keep = torch.arange(candidates, device=k.device).expand(heads, -1)
         else:
             keep = keep[0]  # [kv_heads, n], rows that keep fewer padded with -1
             gather = keep.clamp(min=0)[..., None].expand(-1, -1, k.shape[-1])
             k, v = k.gather(1, gather), v.gather(1, gather)
-        self.cache.write_prefill(layer, self.slot, k, v, keep)
+        positions = keep
+        if self.past_positions is not None:  # candidate index -> position in the conversation
+            past = self.past_positions[layer].to(keep.device)
+            new = torch.arange(self.start, self.start + candidates - past.shape[-1], device=keep.device)
+            positions = torch.cat([past, new.expand(heads, -1)], dim=-1).gather(-1, keep.clamp(min=0))
+            positions = positions.masked_fill(keep < 0, -1)
+        self.cache.write_prefill(layer, self.slot, k, v, positions)
         counts = (keep >= 0).sum(-1).tolist()
         self.entries += sum(counts)
         self.longest = max(self.longest, *counts)
         if self.kept is not None:
-            self.kept.append(keep.cpu())
+            self.kept.append(positions.cpu())
         if self.progress is not None:
             self.progress(layer + 1, self.cache.shape[0])
 

@@ -31,6 +31,7 @@ from engine.model_runner import ModelRunner
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import ProgressFn, RequestOutput, Sequence, Status
+from engine.session import ChatSession
 from engine.tokenizer import Tokenizer
 from models.attention import prefill_repeats_kv
 from models.loader import load_config, load_model
@@ -152,20 +153,29 @@ class LLM:
         return min(self.max_model_len - prompt_len, self.runner.capacity - policy.kept_length(prompt_len))
 
     def _admission_check(self, seq: Sequence) -> None:
-        """Refuse, before anything runs, a request that can never fit: positions, slot capacity, prefill memory."""
-        n, m = len(seq.prompt_token_ids), seq.params.max_tokens
-        kept, capacity = seq.kept_length, self.runner.capacity
+        """Refuse, before anything runs, a request that can never fit: positions, slot capacity, prefill memory.
+        A conversation's turn counts its positions from the conversation's start and chooses among the entries
+        its slot holds plus its own tokens."""
+        n, m, what = seq.start_position + len(seq.prompt_token_ids), seq.params.max_tokens, "prompt"
+        if seq.session is not None:
+            what = "conversation"
+        elif self.scheduler.reserved >= self.max_batch_size:
+            raise ValueError(f"all {self.max_batch_size} cache slots are held by chat sessions, so this request "
+                             "would never run; close a session or build the engine with a larger max_batch_size")
+        kept, capacity, candidates = seq.kept_length, self.runner.capacity, seq.candidates
         if n + m > self.max_model_len:
-            raise ValueError(f"the prompt has {n} tokens and max_tokens is {m}, together past the model's "
+            raise ValueError(f"the {what} has {n} tokens and max_tokens is {m}, together past the model's "
                              f"{self.max_model_len} positions; lower max_tokens (-n) to at most "
-                             f"{self.max_model_len - n} or shorten the prompt")
+                             f"{self.max_model_len - n} or shorten the {what}")
         if kept + m > capacity:
-            raise ValueError(f"the request needs {kept + m} cache entries ({n}-token prompt, {kept} kept, max_tokens "
-                             f"{m}) but a slot holds {capacity}; lower max_tokens (-n) to at most {capacity - kept}, "
-                             f"lower the SnapKV budget, or build the engine with max_kv_len >= {kept + m}")
+            source = f"{candidates} held and new entries" if seq.session else f"{candidates}-token prompt"
+            raise ValueError(f"the request needs {kept + m} cache entries ({source}, {kept} kept, "
+                             f"max_tokens {m}) but a slot holds {capacity}; lower max_tokens (-n) to at most "
+                             f"{capacity - kept}, lower the SnapKV budget, or build the engine with max_kv_len >= "
+                             f"{kept + m}")
         window = seq.policy.queries_needed
         e, chunk, kind = self.dtype.itemsize, self.prefill_chunk_size, self.device.type
-        estimate = predict_prefill_peak(self.config, n, e, chunk, window, kind, self.prefill_repeats_kv)
+        estimate = predict_prefill_peak(self.config, candidates, e, chunk, window, kind, self.prefill_repeats_kv)
         free = available_memory_bytes(self.device)
         if estimate.total > free:
             fits = longest_prompt_that_fits(self.config, free, e, chunk, window, kind,
@@ -187,14 +197,14 @@ class LLM:
                          progress, mailbox=None).request_id
 
     def _add(self, prompt, params, chat, prompt_token_ids, request_id, snapkv, return_kept, progress,
-             mailbox) -> Sequence:
+             mailbox, turn: tuple[ChatSession, SelectionPolicy] | None = None) -> Sequence:
         if (prompt is None) == (prompt_token_ids is None):
             raise ValueError("pass exactly one of a prompt or prompt_token_ids")
         ids = self._check_prompt(self.encode_prompt(prompt, chat) if prompt_token_ids is None else prompt_token_ids)
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be a SamplingParams (got {type(params).__name__})")
-        policy = self.policy if snapkv is ENGINE_POLICY else self.make_policy(snapkv)
+        policy = turn[1] if turn else self.policy if snapkv is ENGINE_POLICY else self.make_policy(snapkv)
         with self._lock:
             rid = str(next(self._ids)) if request_id is None else str(request_id)
             if self.scheduler.find(rid) is not None:
@@ -202,8 +212,37 @@ class LLM:
             seed = params.seed if params.seed is not None else secrets.randbits(63)
             seq = Sequence(rid, ids, params, seed, policy, IncrementalDetokenizer(self.tokenizer, params.stop),
                            self.eos_ids, return_kept, progress, mailbox)
+            if turn:
+                session = seq.session = turn[0]
+                seq.pinned_slot, seq.past_positions, seq.start_position = session.slot, session.positions, \
+                    session.conversation_tokens
             self.scheduler.add(seq)
         return seq
+
+    def chat_session(self, system: str | None = None, snapkv: SnapKVConfig | None = ENGINE_POLICY,
+                     reserve: int | None = None) -> ChatSession:
+        """A conversation that keeps its compressed cache in one slot between turns (engine.session): `send`,
+        `stream`, `history`, `reset`, `close`. snapkv: its selection settings (None: the full cache; default the
+        engine's). reserve: how many entries past the budget the slot may grow before it is compressed again
+        (default: half the room the slot has beyond the budget). Raises ValueError if no slot is free."""
+        cfg = self.snapkv if snapkv is ENGINE_POLICY else snapkv
+        with self._lock:
+            slot = self.scheduler.reserve_slot()
+            if slot is None:
+                raise ValueError(f"no free cache slot for a conversation: all {self.max_batch_size} are in use by "
+                                 "running requests or other conversations; close one, or build the engine with a "
+                                 "larger max_batch_size")
+        try:
+            return ChatSession(self, slot, system, cfg, reserve)
+        except ValueError:
+            with self._lock:
+                self.scheduler.unreserve_slot(slot)
+            raise
+
+    def _release_session_slot(self, slot: int) -> None:
+        with self._lock:
+            self.runner.release(slot)
+            self.scheduler.unreserve_slot(slot)
 
     def has_unfinished(self) -> bool:
         with self._lock:
@@ -227,9 +266,12 @@ class LLM:
                 return False
             if seq.status is Status.WAITING:
                 self.scheduler.remove_waiting(seq)
+                seq.finish("abort")
+                if seq.session is not None:
+                    seq.session.turn_ended(seq, prefilled=False)
             else:
+                seq.finish("abort")
                 self._retire(seq)
-            seq.finish("abort")
             return True
 
     # --- the step loop ----------------------------------------------------------------------------------------
@@ -290,8 +332,10 @@ class LLM:
             self.scheduler.release(seq)
         per_entry, generated = self.kv_bytes_per_entry, len(seq.token_ids)
         seq.stats.update(kv_bytes=per_entry * (seq.stats.get("kept_tokens", 0) + generated),
-                         full_kv_bytes=per_entry * (len(seq.prompt_token_ids) + generated),
+                         full_kv_bytes=per_entry * (seq.start_position + len(seq.prompt_token_ids) + generated),
                          ttft_s=seq.first_token_at - seq.arrival if seq.first_token_at else None)
+        if seq.session is not None:
+            seq.session.turn_ended(seq, prefilled=True)
 
     def _run_until(self, done) -> None:
         while not done():
@@ -341,6 +385,10 @@ class LLM:
         appended to it (for stats) once the stream ends. Closing the iterator early aborts the request."""
         seq = self._add(prompt, sampling_params, chat, prompt_token_ids, None, ENGINE_POLICY, False, progress,
                         deque())
+        return self._drain(seq, result)
+
+    def _drain(self, seq: Sequence, result: list | None) -> Iterator[str]:
+        """Step the engine until seq finishes, yielding its new text; closing early aborts it."""
         try:
             while True:
                 while seq.mailbox:

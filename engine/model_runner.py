@@ -69,20 +69,23 @@ class ModelRunner:
     @torch.inference_mode()
     def prefill(self, seq: Sequence) -> int:
         """Prefill seq's prompt into its slot (the policy selects, layer by layer, straight into the cache), set
-        the slot's decode inputs and return the first generated token."""
-        ids, slot, x = seq.prompt_token_ids, seq.slot, self.inputs
+        the slot's decode inputs and return the first generated token. A conversation's later turn continues at
+        its start position, attending to the entries its slot holds, which are candidates again."""
+        ids, slot, x, first_position = seq.prompt_token_ids, seq.slot, self.inputs, seq.start_position
         progress = seq.progress
         start = time.perf_counter()
         view = PrefillView(self.cache, slot, seq.policy, record_kept=seq.return_kept,
-                           progress=(lambda done, total: progress("prefill", done, total)) if progress else None)
+                           progress=(lambda done, total: progress("prefill", done, total)) if progress else None,
+                           past_positions=seq.past_positions, start=first_position)
+        positions = torch.arange(first_position, first_position + len(ids), device=self.device)[None]
         with PeakMeter(self.device) as meter:
-            logits = self.model(torch.tensor([ids], device=self.device), ctx=view, last_only=True,
-                                chunk_size=self.prefill_chunk_size)[:, -1].float()
+            logits = self.model(torch.tensor([ids], device=self.device), positions=positions, ctx=view,
+                                last_only=True, chunk_size=self.prefill_chunk_size)[:, -1].float()
         p = seq.params
         x.temperature[slot], x.top_k[slot], x.top_p[slot] = p.temperature if not p.greedy else 0.0, p.top_k, p.top_p
         x.seed[slot], x.index[slot] = seq.seed, 0
         first = next_tokens(seq.sampling_mode, logits, x.rows(slot, slot + 1))  # as the step would, at token index 0
-        x.tokens[slot], x.positions[slot], x.index[slot], x.active[slot] = first[0], len(ids), 1, 1
+        x.tokens[slot], x.positions[slot], x.index[slot], x.active[slot] = first[0], first_position + len(ids), 1, 1
         token = int(first[0])
         seq.cache_entries, seq.kept = view.longest, view.kept
         rows = self.config.num_layers * self.config.num_kv_heads

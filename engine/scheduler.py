@@ -7,8 +7,9 @@ prompts, oldest first, as many as fit a per-step token budget, or one long promp
 ones go first, but a long one that was passed over gets the next step. So a short request that arrives behind
 long ones waits for at most the long prefill in progress, and a long one is never starved. A finished or aborted
 request frees its slot at once, and the next waiting request takes it at the next step while the others keep
-decoding. Whether a request can ever fit a slot (its cache entries, its prefill memory)
-is decided when it is added, by the `admission_check` the engine passes in (engine.memory_model), so a refusal
+decoding. A conversation (engine.session) reserves a slot and keeps it between turns; each of its turns is
+admitted into that slot, never a free one. Whether a request can ever fit a slot (its cache entries, its prefill
+memory) is decided when it is added, by the `admission_check` the engine passes in (engine.memory_model), so a refusal
 comes before anything runs and never disturbs the other requests.
 """
 
@@ -32,39 +33,56 @@ class Scheduler:
         self.running: dict[int, Sequence] = {}  # slot -> sequence
         self.free_slots = list(range(num_slots))  # a heap
         self.long_owed = False  # short prompts overtook a waiting long one: the next step is the long one's
+        self.reserved = 0  # slots conversations hold between their turns
 
     def add(self, seq: Sequence) -> None:
         self.admission_check(seq)
         self.waiting.append(seq)
 
     def admit(self) -> list[Sequence]:
-        """Move waiting requests into free slots for this step's prefill."""
-        if not self.waiting or not self.free_slots:
+        """Move waiting requests into free slots (a conversation's turn: into its own slot) for this step's
+        prefill."""
+        if not self.waiting or (not self.free_slots and all(seq.pinned_slot is None for seq in self.waiting)):
             return []
-        budget = self.prefill_token_budget
+        budget, free = self.prefill_token_budget, len(self.free_slots)
         shorts, tokens = [], 0
         for seq in self.waiting:
-            n = len(seq.prompt_token_ids)
-            if n <= budget and tokens + n <= budget and len(shorts) < len(self.free_slots):
+            n, pinned = len(seq.prompt_token_ids), seq.pinned_slot is not None
+            if n <= budget and tokens + n <= budget and (pinned or free > 0):
                 shorts.append(seq)
                 tokens += n
-        longs = [seq for seq in self.waiting if len(seq.prompt_token_ids) > budget]
+                free -= not pinned
+        longs = [seq for seq in self.waiting if len(seq.prompt_token_ids) > budget
+                 and (seq.pinned_slot is not None or self.free_slots)]
         if shorts and not (self.long_owed and longs):
             chosen, self.long_owed = shorts, bool(longs)
         else:
             chosen, self.long_owed = longs[:1], False
         for seq in chosen:
             self.waiting.remove(seq)
-            seq.slot, seq.status = heapq.heappop(self.free_slots), Status.RUNNING
+            seq.slot = seq.pinned_slot if seq.pinned_slot is not None else heapq.heappop(self.free_slots)
+            seq.status = Status.RUNNING
             self.running[seq.slot] = seq
         return chosen
 
     def release(self, seq: Sequence) -> None:
-        """A finished or aborted request gives its slot back."""
+        """A finished or aborted request gives its slot back (a conversation's turn leaves it to the session)."""
         if seq.slot is not None and self.running.get(seq.slot) is seq:
             del self.running[seq.slot]
-            heapq.heappush(self.free_slots, seq.slot)
+            if seq.pinned_slot is None:
+                heapq.heappush(self.free_slots, seq.slot)
         seq.slot = None
+
+    def reserve_slot(self) -> int | None:
+        """Take a free slot for a conversation, which holds it between turns; None if none is free."""
+        if not self.free_slots:
+            return None
+        self.reserved += 1
+        return heapq.heappop(self.free_slots)
+
+    def unreserve_slot(self, slot: int) -> None:
+        self.reserved -= 1
+        heapq.heappush(self.free_slots, slot)
 
     def find(self, request_id: str) -> Sequence | None:
         for seq in (*self.running.values(), *self.waiting):

@@ -63,10 +63,22 @@ class Sequence:
         self.arrival = time.perf_counter()
         self.first_token_at: float | None = None
         self.stats: dict = {"prompt_tokens": len(prompt_token_ids)}
+        # a conversation's turn (engine.session): the session, the slot it holds, and per layer the positions of
+        # the entries that slot holds already; the turn's tokens continue at start_position
+        self.session = None
+        self.pinned_slot: int | None = None
+        self.past_positions: list[torch.Tensor] | None = None
+        self.start_position = 0
+
+    @property
+    def candidates(self) -> int:
+        """Entries the prefill chooses from: the held ones (a conversation's later turn) and the new tokens."""
+        past = max((p.shape[-1] for p in self.past_positions), default=0) if self.past_positions else 0
+        return past + len(self.prompt_token_ids)
 
     @property
     def kept_length(self) -> int:
-        return self.policy.kept_length(len(self.prompt_token_ids))
+        return self.policy.kept_length(self.candidates)
 
     @property
     def sampling_mode(self) -> str:

@@ -24,10 +24,15 @@ from models.config import ModelConfig
 class AttentionContext(Protocol):
     """A cache view, supplied by the engine. Prefill: the model computes attention itself and hands each layer's
     full-length k/v [B, Hkv, T, D] (post-RoPE) and its last `tail_queries` queries to `store` (the view selects
-    and keeps what it wants). Decode: `attend` takes one new token's q [B, H, 1, D] and k/v [B, Hkv, 1, D],
-    stores k/v and returns attention [B, H, 1, D] over everything the cache holds."""
+    and keeps what it wants). A continued prefill (a conversation's next turn) first asks `past` for the entries
+    the cache already holds, k/v [B, Hkv, P, D] in position order (or None): the new tokens attend to them, and
+    `store` then gets past and new together, P + T candidates. Decode: `attend` takes one new token's q
+    [B, H, 1, D] and k/v [B, Hkv, 1, D], stores k/v and returns attention [B, H, 1, D] over everything the cache
+    holds."""
 
     tail_queries: int
+
+    def past(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None: ...
 
     def store(self, layer: int, q_tail: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None: ...
 
@@ -146,14 +151,20 @@ class DecoderLayer(nn.Module):
         """The layer over a whole prompt, `chunk` positions at a time, updating x in place: first this layer's
         full K/V, chunk by chunk (handed to the cache view to select and store), then each query chunk attends
         causally to the keys up to it and runs the MLP. With chunk >= T it is ordinary full attention; with a
-        smaller chunk there are no [T, T] scores and no [T, intermediate] activations."""
+        smaller chunk there are no [T, T] scores and no [T, intermediate] activations. A continued prefill puts the
+        `past` entries the cache holds in front of the new K/V (they all precede the new positions, so the
+        lower-right causal mask stays right; the engine continues only models without a sliding window)."""
         attn, t = self.self_attn, x.shape[1]
         chunks = [(s, min(s + chunk, t)) for s in range(0, t, chunk)]
-        k = x.new_empty(x.shape[0], attn.num_kv_heads, t, attn.head_dim)
+        past = ctx.past(attn.layer) if ctx is not None else None
+        p = 0 if past is None else past[0].shape[2]  # entries held from earlier turns: every new query sees them
+        k = x.new_empty(x.shape[0], attn.num_kv_heads, p + t, attn.head_dim)
         v = torch.empty_like(k)
+        if p:
+            k[:, :, :p], v[:, :, :p] = past
         for s, e in chunks:
-            k[:, :, s:e], v[:, :, s:e] = attn.project_kv(self.input_layernorm(x[:, s:e]), cos[:, :, s:e],
-                                                         sin[:, :, s:e])
+            k[:, :, p + s:p + e], v[:, :, p + s:p + e] = attn.project_kv(self.input_layernorm(x[:, s:e]),
+                                                                         cos[:, :, s:e], sin[:, :, s:e])
         if ctx is not None:
             tail = max(1, min(t, ctx.tail_queries))
             ctx.store(attn.layer, attn.project_q(self.input_layernorm(x[:, t - tail:]), cos[:, :, t - tail:],
@@ -162,7 +173,7 @@ class DecoderLayer(nn.Module):
         for s, e in chunks:
             q = attn.project_q(self.input_layernorm(x[:, s:e]), cos[:, :, s:e], sin[:, :, s:e])
             first = 0 if window is None else max(0, s - window)  # keys a sliding window hides are skipped
-            h = x[:, s:e] + attn.output(prefill_attention(q, k[:, :, first:e], v[:, :, first:e], window))
+            h = x[:, s:e] + attn.output(prefill_attention(q, k[:, :, first:p + e], v[:, :, first:p + e], window))
             x[:, s:e] = h + self.mlp(self.post_attention_layernorm(h))
         return x
 

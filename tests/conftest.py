@@ -58,7 +58,7 @@ def tiny_model_dir(directory: Path, kind: str = "llama", **overrides) -> Path:
     tests feed token ids, and any tokenizer covering ids < 256 will do."""
     import shutil
 
-    save_tiny(tiny_hf_model(kind, vocab_size=256, **overrides), directory)
+    save_tiny(tiny_hf_model(kind, **{"vocab_size": 256, **overrides}), directory)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(SMOL_DIR / f, Path(directory) / f)
     return Path(directory)

@@ -71,6 +71,9 @@ def test_kv_heads_are_not_repeated(tmp_path):
     class Spy:
         tail_queries = 3
 
+        def past(self, layer):
+            return None
+
         def store(self, layer, q, k, v):
             seen.append((q.shape[1], k.shape[1], v.shape[1], q.shape[2], k.shape[2]))
 

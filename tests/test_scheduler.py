@@ -20,6 +20,7 @@ from tests.conftest import tiny_model_dir
 class FakeSeq:
     def __init__(self, rid, n):
         self.request_id, self.prompt_token_ids, self.slot, self.status = rid, [0] * n, None, Status.WAITING
+        self.pinned_slot = None  # not a conversation's turn
 
 
 def test_scheduler_lowest_slot_and_prefill_budget():

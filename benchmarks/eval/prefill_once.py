@@ -32,6 +32,9 @@ class _CaptureContext:
         self.tail_queries = tail_queries
         self.qkv: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
+    def past(self, layer):
+        return None
+
     def store(self, layer, q, k, v):
         self.qkv.append((q, k, v))
 
@@ -42,7 +45,7 @@ class _ReplayedPrompt:
     def __init__(self, prefilled: "PrefilledPrompt"):
         self.prefilled = prefilled
 
-    def __call__(self, input_ids, ctx, last_only, chunk_size):
+    def __call__(self, input_ids, ctx, last_only, chunk_size, positions=None):
         if input_ids[0].tolist() != self.prefilled.prompt_ids:
             raise RuntimeError("decode_many only replays its own prompt; run other requests outside it")
         for layer, (q, k, v) in enumerate(self.prefilled.qkv):

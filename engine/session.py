@@ -1,0 +1,225 @@
+"""ChatSession: a conversation that keeps its compressed KV cache in one slot between turns.
+
+    chat = llm.chat_session(system="You answer briefly.")
+    print(chat.send("Here is a report: ... What year was the bridge built?").text)
+    for piece in chat.stream("And who built it?"):
+        print(piece, end="")
+    chat.close()  # the slot goes back to the engine
+
+A session reserves one cache slot. Its first turn is prefilled like any prompt (SnapKV selects inside every
+layer); the answer's tokens are appended by the decode steps and stay. A later turn feeds only what is new: the
+last answer's final token (sampled, never fed), the template's closing of that answer, the new user message and
+the generation prompt, at positions that continue from the true conversation length. Those new tokens attend to
+everything the slot holds, and the held entries and the new tokens are candidates together: while they fit the
+budget plus `reserve`, all of them stay; past that, the selection policy runs again over all of them, with the
+new turn's last `window` queries voting (SnapKV's own idea, one observation window per question), so the slot
+goes back to `budget` entries and what the new question needs is kept. The positions of every held entry are
+tracked per (layer, kv head), so `kept_positions` says which conversation tokens the cache still holds.
+
+What is new in a turn comes from the chat template itself: the conversation is rendered with a marker in place
+of the last answer, and what follows the marker is the closing and the next turn, whatever the template's
+format. The cache holds each turn as it was rendered then; a template that renders earlier turns differently
+once later ones exist (some drop earlier reasoning) is not re-read. If a turn fails while it runs, the slot's
+entries are lost: the history stays, and the next turn prefills the whole conversation again. Models with a
+sliding window and policies with ragged rows (adakv) are refused: their held entries need per-entry masks in
+prefill that the engine does not have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+from typing import TYPE_CHECKING, Iterator
+
+import torch
+
+from engine.sampling_params import SamplingParams
+from engine.sequence import RequestOutput, Sequence, Status
+from snapkv.config import WINDOW_POLICIES, SnapKVConfig
+from snapkv.policies import FullCache, SelectionPolicy
+
+if TYPE_CHECKING:
+    from engine.llm import LLM
+
+MARKER = "\x00snapkv-answer\x00"  # stands in for the last answer when a template is rendered to find what follows
+
+
+class ChatSession:
+    def __init__(self, llm: LLM, slot: int, system: str | None, snapkv: SnapKVConfig | None,
+                 reserve: int | None = None):
+        if llm.config.sliding_window is not None:
+            raise ValueError("conversations that keep their cache need a model without a sliding window (held "
+                             "entries would need per-position masks in prefill); send each turn as a whole prompt "
+                             "instead")
+        if snapkv is not None and snapkv.policy == "adakv":
+            raise ValueError("policy adakv keeps a different number of entries per kv head, which a conversation's "
+                             "next turn cannot attend to; use snapkv or pyramidkv for a chat session")
+        if llm.tokenizer.chat_template is None:
+            raise ValueError("this model's tokenizer has no chat template; a chat session needs one")
+        self.llm, self.slot, self.system, self.snapkv = llm, slot, system, snapkv
+        self.policy = llm.make_policy(snapkv)
+        self.compressing = not isinstance(self.policy, FullCache)
+        budget = self.policy.most_per_head() if self.compressing else llm.runner.capacity
+        room = llm.runner.capacity - budget
+        if reserve is None:
+            reserve = max(room // 2, 0)
+        if not isinstance(reserve, int) or isinstance(reserve, bool) or reserve < 0:
+            raise ValueError(f"reserve must be a non-negative integer (got {reserve!r})")
+        self.budget, self.reserve = budget, reserve
+        self.closed = False
+        self._busy: Sequence | None = None
+        self._user_text = ""
+        self._lock = llm._lock  # the engine's: turns end inside its step
+        self._clear(keep_history=False)
+
+    # --- state --------------------------------------------------------------------------------------------------
+
+    def _clear(self, keep_history: bool) -> None:
+        if not keep_history:
+            self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
+        layers, heads = self.llm.config.num_layers, self.llm.config.num_kv_heads
+        # per layer, the conversation position of each entry the slot holds, [kv_heads, held]
+        self.positions: list[torch.Tensor] = [torch.empty(heads, 0, dtype=torch.long)] * layers
+        self.token_ids: list[int] = []  # every token fed to the model, in order (their count is the next position)
+        self.pending: list[int] = []  # the last answer's final token: sampled, not fed yet
+        self.turns: list[dict] = []  # per finished turn: its statistics
+
+    @property
+    def history(self) -> list[dict]:
+        """The conversation so far as chat messages (the system message first, if any)."""
+        return [dict(m) for m in self.messages]
+
+    @property
+    def conversation_tokens(self) -> int:
+        """Tokens fed to the model so far: the position the next turn starts at."""
+        return len(self.token_ids)
+
+    @property
+    def held_entries(self) -> int:
+        """The most entries one (layer, kv head) row of the slot holds now."""
+        return max(p.shape[-1] for p in self.positions)
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes of K/V the slot's held entries take (summed over layers; a row's unused room not counted)."""
+        entries = sum(p.shape[-1] for p in self.positions) / self.llm.config.num_layers
+        return round(entries * self.llm.kv_bytes_per_entry)
+
+    @property
+    def kept_positions(self) -> list[torch.Tensor]:
+        """Per layer, [kv_heads, held] conversation positions the slot holds (indexes into `token_ids`)."""
+        return [p.clone() for p in self.positions]
+
+    def reset(self) -> None:
+        """Forget the conversation (the system message stays); the slot stays reserved."""
+        with self._lock:
+            self._check_usable()
+            self._clear(keep_history=False)
+
+    def close(self) -> None:
+        """End the conversation and give its slot back to the engine (a running turn is aborted first)."""
+        with self._lock:
+            if self.closed:
+                return
+            if self._busy is not None:
+                self.llm.abort(self._busy.request_id)
+            self.closed = True
+            self.llm._release_session_slot(self.slot)
+
+    def __enter__(self) -> ChatSession:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check_usable(self) -> None:
+        if self.closed:
+            raise ValueError("this chat session is closed; start a new one with llm.chat_session()")
+        if self._busy is not None:
+            raise ValueError("a turn of this chat session is still running; wait for it before the next one")
+
+    # --- turns --------------------------------------------------------------------------------------------------
+
+    def new_tokens(self, user_text: str) -> list[int]:
+        """The tokens a turn with this user message feeds: the whole rendered conversation for the first turn
+        (or after a lost cache), else the last answer's final token, the template's closing of it, the new
+        message and the generation prompt."""
+        tokenizer = self.llm.tokenizer
+        user = {"role": "user", "content": user_text}
+        if not self.token_ids:
+            text = tokenizer.apply_chat_template(self.messages + [user])
+            return tokenizer.encode(text, add_special_tokens=False)  # the template carries its own bos
+        marked = self.messages[:-1] + [{"role": "assistant", "content": MARKER}, user]
+        after = tokenizer.apply_chat_template(marked).split(MARKER, 1)[-1]
+        pending = self.pending
+        if pending and pending[-1] in self.llm.eos_ids:  # the answer's end token is the template's closing too
+            closing = tokenizer.decode(pending, skip_special_tokens=False)
+            after = after.removeprefix(closing)
+        return pending + tokenizer.encode(after, add_special_tokens=False)
+
+    def turn_policy(self, candidates: int, max_tokens: int, new: int) -> SelectionPolicy:
+        """Keep every candidate while they and the answer fit the budget plus the reserve (and the slot);
+        otherwise compress with the session's policy, its observation window no longer than the new tokens."""
+        capacity = self.llm.runner.capacity
+        if candidates + max_tokens <= capacity and (not self.compressing or candidates <= self.budget + self.reserve):
+            return FullCache()
+        if not self.compressing:
+            raise ValueError(f"the conversation needs {candidates + max_tokens} cache entries ({candidates} so far, "
+                             f"max_tokens {max_tokens}) but a slot holds {capacity} with the full cache; reset() "
+                             "the session, use SnapKV, or build the engine with a larger max_kv_len")
+        if self.snapkv.policy in WINDOW_POLICIES and new < self.snapkv.window:
+            return self.llm.make_policy(dataclasses.replace(self.snapkv, window=new))
+        return self.policy
+
+    def add_turn(self, user_text: str, params: SamplingParams | None = None, request_id: str | None = None,
+                 mailbox: deque | None = None) -> Sequence:
+        """Queue the next turn; `llm.step()` runs it like any request (its outputs come from step(), or go to
+        `mailbox`). Raises ValueError for a turn that cannot run (closed session, a turn still running, a
+        conversation past the model's positions or the slot)."""
+        if not isinstance(user_text, str) or not user_text:
+            raise ValueError("a chat turn needs a non-empty user message (a string)")
+        params = params or SamplingParams()
+        with self._lock:
+            self._check_usable()
+            ids = self.new_tokens(user_text)
+            candidates = self.held_entries + len(ids)
+            policy = self.turn_policy(candidates, params.max_tokens, len(ids))
+            seq = self.llm._add(None, params, False, ids, request_id, None, False, None, mailbox,
+                                turn=(self, policy))
+            self._busy, self._user_text = seq, user_text
+            return seq
+
+    def turn_ended(self, seq: Sequence, prefilled: bool) -> None:
+        """Called by the engine when a turn finishes (or is aborted, or fails): fold it into the conversation."""
+        with self._lock:
+            self._busy = None
+            if not prefilled:  # aborted while waiting: nothing ran
+                return
+            if seq.finish_reason == "error" or seq.kept is None:  # the slot's entries may be half overwritten
+                self._clear(keep_history=True)
+                return
+            fed = seq.token_ids[:-1]  # every generated token but the last went through a decode step
+            start = seq.start_position + len(seq.prompt_token_ids)
+            decoded = torch.arange(start, start + len(fed))
+            self.positions = [torch.cat([kept, decoded.expand(kept.shape[0], -1)], dim=-1) for kept in seq.kept]
+            self.token_ids += seq.prompt_token_ids + fed
+            self.pending = seq.token_ids[-1:]
+            self.messages += [{"role": "user", "content": self._user_text},
+                              {"role": "assistant", "content": seq.detokenizer.text}]
+            self.turns.append({"new_tokens": len(seq.prompt_token_ids), "generated_tokens": len(seq.token_ids),
+                               "held_entries": self.held_entries, "conversation_tokens": self.conversation_tokens,
+                               "compressed": not isinstance(seq.policy, FullCache),
+                               "prefill_s": seq.stats.get("prefill_s"), "kv_bytes": self.kv_bytes})
+
+    def send(self, user_text: str, params: SamplingParams | None = None) -> RequestOutput:
+        """Run one turn and return its output (text, tokens, finish_reason, stats)."""
+        seq = self.add_turn(user_text, params, mailbox=deque(maxlen=1))
+        self.llm._run_until(lambda: seq.status is Status.FINISHED)
+        return seq.mailbox[-1]
+
+    def stream(self, user_text: str, params: SamplingParams | None = None,
+               result: list | None = None) -> Iterator[str]:
+        """Run one turn, yielding its text as it is produced; the final RequestOutput is appended to `result`
+        (if a list). Closing the iterator early aborts the turn; what was generated stays in the conversation."""
+        seq = self.add_turn(user_text, params, mailbox=deque())
+        return self.llm._drain(seq, result)
