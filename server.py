@@ -10,6 +10,14 @@ shape, `{"error": {"message", "type", "param", "code"}}`: 400 for a body or prom
 a wrong key, 404 for an unknown model, 429 when the waiting queue is full, 500 when a request fails while it runs
 (the others go on). A client that goes away aborts its request, which frees its slot at once. On SIGTERM the
 server stops accepting, lets running requests finish for --shutdown-timeout seconds, cancels the rest and exits.
+
+Conversations: a chat request with an extra `"session_id"` keeps that conversation's compressed cache in a slot
+between requests (engine.session), so the next turn prefills only its new message. Its messages must be the
+session's history plus one new user message (400 otherwise: start a new session to change the past); a turn
+that does not complete leaves no trace (the next one prefills the history again). Sessions hold slots: at most
+--max-sessions are open, a new one beyond that gets 429, idle ones close after --session-ttl seconds (the same
+id then starts over, prefilling the history it is sent), `GET /v1/sessions/{id}` shows one and
+`DELETE /v1/sessions/{id}` closes one at once.
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import cli
-from engine import LLM, RequestOutput, SamplingParams
+from engine import LLM, ChatSession, RequestOutput, SamplingParams
 from engine.kv_cache import format_bytes
 from engine.llm import ENGINE_POLICY
 from snapkv.config import SnapKVConfig
@@ -49,7 +57,7 @@ SNAPKV_FIELDS = ("budget", "window", "kernel", "pooling", "group_agg", "policy",
 
 class APIError(Exception):
     TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-             429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
+             409: "conflict_error", 429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -128,6 +136,7 @@ class ChatMessage(BaseModel):
 class ChatBody(Body):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
+    session_id: Optional[str] = Field(None, min_length=1, max_length=128)
 
 
 class CompletionBody(Body):
@@ -187,6 +196,81 @@ class Metrics:
         self.full_kv_bytes.set(load["full_kv_bytes"])
 
 
+# --- conversations --------------------------------------------------------------------------------------------
+
+class Sessions:
+    """The open conversations by id, each a ChatSession holding a cache slot, with the settings it started with
+    and when it was last used. Used from the engine thread only (under EngineLoop.admission)."""
+
+    def __init__(self, llm: LLM, max_sessions: int, ttl: float):
+        self.llm, self.max_sessions, self.ttl = llm, max_sessions, ttl
+        self.open: dict[str, tuple[ChatSession, object, float]] = {}
+
+    def turn(self, session_id: str, messages: list[dict], fill_max_tokens: bool, snapkv, params: SamplingParams,
+             rid: str) -> list[int]:
+        """Queue the conversation's next turn (opening the session on its first request); returns the tokens
+        it feeds."""
+        if session_id in self.open:
+            session, settings, _ = self.open[session_id]
+            if snapkv is not ENGINE_POLICY and snapkv != settings:
+                raise APIError(400, f"session {session_id!r} keeps the snapkv settings it started with; leave "
+                               "snapkv out or start a new session", "snapkv", "invalid_value")
+            history = session.history
+            if messages[:-1] != history or messages[-1]["role"] != "user":
+                raise APIError(400, f"the messages do not extend session {session_id!r}: send its {len(history)} "
+                               "earlier messages unchanged and one new user message (start a new session_id to "
+                               "change the past)", "messages", "history_mismatch")
+        else:
+            if messages[-1]["role"] != "user":
+                raise APIError(400, "a session's turn ends with a user message", "messages", "invalid_value")
+            if len(self.open) >= self.max_sessions:
+                raise APIError(429, f"{len(self.open)} sessions are open, the most this server keeps "
+                               "(--max-sessions); retry later, or end one with DELETE /v1/sessions/{id}", None,
+                               "too_many_sessions")
+            try:
+                session = self.llm.chat_session(snapkv=snapkv)
+            except ValueError as e:  # no free slot right now, or a setting a session cannot take
+                raise APIError(429 if "no free cache slot" in str(e) else 400, str(e), None, "session_refused") \
+                    from None
+            session.keep_aborted_turns = False
+            session.messages = messages[:-1]
+            settings = snapkv
+        try:
+            seq = session.add_turn(messages[-1]["content"], params, request_id=rid, fill_max_tokens=fill_max_tokens)
+        except ValueError as e:
+            if session_id not in self.open:
+                session.close()
+            if "still running" in str(e):
+                raise APIError(409, f"session {session_id!r}: {e}", None, "session_busy") from None
+            raise
+        self.open[session_id] = (session, settings, time.monotonic())
+        return seq.prompt_token_ids
+
+    def close(self, session_id: str) -> bool:
+        entry = self.open.pop(session_id, None)
+        if entry is not None:
+            entry[0].close()
+        return entry is not None
+
+    def expire(self) -> None:
+        """Close the sessions idle for longer than the ttl (a turn in progress counts as use)."""
+        now = time.monotonic()
+        for session_id, (session, settings, used) in list(self.open.items()):
+            if session.busy:
+                self.open[session_id] = (session, settings, now)
+            elif now - used > self.ttl:
+                log.info("session %s expired after %.0f s idle", session_id, now - used)
+                self.close(session_id)
+
+    def describe(self, session_id: str) -> dict:
+        if session_id not in self.open:
+            raise APIError(404, f"no open session {session_id!r}", "session_id", "session_not_found")
+        session = self.open[session_id][0]
+        return {"id": session_id, "object": "session", "messages": session.history,
+                "conversation_tokens": session.conversation_tokens, "held_entries": session.held_entries,
+                "kv_bytes": session.kv_bytes, "turns": session.turns}
+
+
 # --- the engine thread ----------------------------------------------------------------------------------------
 
 class QueueFull(Exception):
@@ -197,8 +281,8 @@ class EngineLoop:
     """Runs llm.step() in one background thread and routes each output to its request's asyncio queue. Aborts
     are queued to the thread, so a handler that is being cancelled never waits for a step to end."""
 
-    def __init__(self, llm: LLM, metrics: Metrics, max_waiting: int):
-        self.llm, self.metrics, self.max_waiting = llm, metrics, max_waiting
+    def __init__(self, llm: LLM, metrics: Metrics, max_waiting: int, sessions: Sessions):
+        self.llm, self.metrics, self.max_waiting, self.sessions = llm, metrics, max_waiting, sessions
         self.streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self.aborts: queue.SimpleQueue[str] = queue.SimpleQueue()
         self.wake = threading.Event()
@@ -220,27 +304,43 @@ class EngineLoop:
         self.wake.set()
         self.thread.join(timeout=60)
 
-    async def submit(self, prompt_token_ids: list[int], params: SamplingParams, snapkv) -> tuple[str, asyncio.Queue]:
+    async def submit(self, prompt_token_ids: list[int] | None, params: SamplingParams, snapkv,
+                     session: tuple[str, list[dict], bool] | None = None) -> tuple[str, asyncio.Queue]:
+        """Queue a request (or, with session = (id, messages, fill_max_tokens), that conversation's next
+        turn)."""
         if self.deadline is not None:
             raise APIError(503, "the server is shutting down", None, "shutting_down")
         rid = uuid.uuid4().hex
         outputs: asyncio.Queue = asyncio.Queue()
         self.streams[rid] = (asyncio.get_running_loop(), outputs)  # before the add: the first step may be quick
         try:
-            await asyncio.to_thread(self._add, rid, prompt_token_ids, params, snapkv)
+            prompt_tokens = await asyncio.to_thread(self._add, rid, prompt_token_ids, params, snapkv, session)
         except BaseException:
             self.streams.pop(rid, None)
             raise
         self.wake.set()
-        return rid, outputs
+        return rid, outputs, prompt_tokens
 
-    def _add(self, rid, prompt_token_ids, params, snapkv) -> None:
+    def _add(self, rid, prompt_token_ids, params, snapkv, session) -> int:
+        """Queue it; returns the tokens its prefill feeds (a session's turn: only the new ones)."""
         with self.admission:
             if self.llm.load()["waiting"] >= self.max_waiting:
                 raise QueueFull
-            self.llm.add_request(prompt_token_ids=prompt_token_ids, sampling_params=params, request_id=rid,
-                                 snapkv=snapkv)
+            if session is not None:
+                prompt_token_ids = self.sessions.turn(*session, snapkv, params, rid)
+            else:
+                self.llm.add_request(prompt_token_ids=prompt_token_ids, sampling_params=params, request_id=rid,
+                                     snapkv=snapkv)
             self.metrics.record_load(self.llm.load())
+            return len(prompt_token_ids)
+
+    def close_session(self, session_id: str) -> bool:
+        with self.admission:
+            return self.sessions.close(session_id)
+
+    def describe_session(self, session_id: str) -> dict:
+        with self.admission:
+            return self.sessions.describe(session_id)
 
     def abort(self, rid: str) -> None:
         self.aborts.put(rid)
@@ -252,6 +352,8 @@ class EngineLoop:
                 rid = self.aborts.get()
                 self.llm.abort(rid)
                 self.streams.pop(rid, None)
+            with self.admission:
+                self.sessions.expire()
             self.metrics.record_load(self.llm.load())  # after every step, abort and idle second
             if self.deadline is not None and time.monotonic() >= self.deadline:
                 for out in self._fail_all("the server is shutting down"):
@@ -327,9 +429,11 @@ class EventStream(StreamingResponse):
 
 # --- the app --------------------------------------------------------------------------------------------------
 
-def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_waiting: int = 256) -> FastAPI:
+def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_waiting: int = 256,
+               max_sessions: int | None = None, session_ttl: float = 600.0) -> FastAPI:
     metrics = Metrics()
-    engine = EngineLoop(llm, metrics, max_waiting)
+    max_sessions = max(1, llm.max_batch_size - 1) if max_sessions is None else max_sessions
+    engine = EngineLoop(llm, metrics, max_waiting, Sessions(llm, max_sessions, session_ttl))
 
     async def lifespan(app: FastAPI):
         engine.start()
@@ -374,9 +478,22 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_waitin
             raise APIError(400, "this model has no chat template; use /v1/completions", "messages", "no_template")
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text(i)}
                     for i, m in enumerate(body.messages)]
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        if body.session_id is not None:
+            return await serve(body, request, None, max_tokens, chat=True, session=(body.session_id, messages))
         text = llm.tokenizer.apply_chat_template(messages)
         ids = llm.tokenizer.encode(text, add_special_tokens=False)  # the template carries its own bos
-        return await serve(body, request, ids, body.max_completion_tokens or body.max_tokens, chat=True)
+        return await serve(body, request, ids, max_tokens, chat=True)
+
+    @app.get("/v1/sessions/{session_id}")
+    async def session_info(session_id: str):
+        return await asyncio.to_thread(engine.describe_session, session_id)
+
+    @app.delete("/v1/sessions/{session_id}")
+    async def end_session(session_id: str):
+        if not await asyncio.to_thread(engine.close_session, session_id):
+            raise APIError(404, f"no open session {session_id!r}", "session_id", "session_not_found")
+        return {"id": session_id, "object": "session", "deleted": True}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request):
@@ -390,26 +507,29 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_waitin
         ids = llm.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
         return await serve(body, request, ids, body.max_tokens, chat=False)
 
-    async def serve(body: Body, request: Request, ids: list[int], max_tokens: int | None, chat: bool):
+    async def serve(body: Body, request: Request, ids: list[int] | None, max_tokens: int | None, chat: bool,
+                    session: tuple[str, list[dict]] | None = None):
         arrival = time.perf_counter()
         check_model(body.model)
         if body.logprobs:
             raise APIError(400, "logprobs are not supported", "logprobs", "unsupported")
         snapkv = request_snapkv(body.snapkv, llm.snapkv)
-        if not ids:
+        if session is None and not ids:
             raise APIError(400, "the prompt is empty", "messages" if chat else "prompt", "invalid_value")
-        room = llm.room_for(len(ids), snapkv)
-        params = body.sampling_params(max_tokens if max_tokens is not None else max(room, 1))
+        fill = max_tokens is None and session is not None  # the session sizes it (ChatSession.add_turn)
+        if max_tokens is None:
+            max_tokens = 1 if fill else max(llm.room_for(len(ids), snapkv), 1)
+        params = body.sampling_params(max_tokens)
         try:
-            rid, outputs = await engine.submit(ids, params, snapkv)
+            rid, outputs, prompt_tokens = await engine.submit(ids, params, snapkv, session and (*session, fill))
         except QueueFull:
             raise APIError(429, f"too many requests are waiting ({max_waiting}); retry later", None,
                            "queue_full") from None
         except ValueError as e:  # the prompt cannot fit the model or a slot, or a token id is not in the vocabulary
             raise APIError(400, str(e), "messages" if chat else "prompt", "context_length_exceeded"
                            if "positions" in str(e) or "entries" in str(e) else "invalid_value") from None
-        metrics.prompt_tokens.inc(len(ids))
-        reply = Reply(chat, model_name, rid, len(ids), arrival, metrics)
+        metrics.prompt_tokens.inc(prompt_tokens)
+        reply = Reply(chat, model_name, rid, prompt_tokens, arrival, metrics)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return EventStream(relay_stream(rid, outputs, reply, include_usage), media_type="text/event-stream")
@@ -500,8 +620,11 @@ class Reply:
 
     def snapkv(self, out: RequestOutput) -> dict:
         s = out.stats
-        return {"prompt_tokens": self.prompt_tokens, "kept_tokens": s.get("kept_tokens"),
+        info = {"prompt_tokens": self.prompt_tokens, "kept_tokens": s.get("kept_tokens"),
                 "kv_bytes": s.get("kv_bytes"), "full_kv_bytes": s.get("full_kv_bytes")}
+        if "session" in s:  # a conversation's turn: what its slot holds after it
+            info["session"] = s["session"]
+        return info
 
     def _head(self, kind: str) -> dict:
         suffix = ".chunk" if kind == "chunk" else ""
@@ -537,7 +660,8 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
                   help="Serve a model over an OpenAI-compatible HTTP API, its KV cache compressed by SnapKV.")
 
 
-@app.command(help="Serve /v1/chat/completions, /v1/completions, /v1/models, /health and /metrics.")
+@app.command(help="Serve /v1/chat/completions (with conversations by session_id), /v1/completions, /v1/models, "
+             "/v1/sessions/{id}, /health and /metrics.")
 def serve_command(
     model: Optional[Path] = cli.MODEL,
     host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
@@ -546,6 +670,10 @@ def serve_command(
     max_kv_len: Optional[int] = typer.Option(None, "--max-kv-len", help="Cache entries per slot.",
                                              show_default="the SnapKV budget + 1024, or the model's length"),
     max_waiting: int = typer.Option(256, "--max-waiting", help="Requests that may wait for a slot; more get 429."),
+    max_sessions: Optional[int] = typer.Option(None, "--max-sessions", help="Conversations (session_id) kept open "
+                                               "at once, each holding a cache slot; more get 429.",
+                                               show_default="max-batch-size - 1, at least 1"),
+    session_ttl: float = typer.Option(600.0, "--session-ttl", help="Seconds an idle conversation keeps its slot."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="SNAPKV_API_KEY",
                                           help="Require 'Authorization: Bearer KEY' on /v1/ endpoints."),
     served_model_name: Optional[str] = typer.Option(None, "--served-model-name", help="The model's name in the API.",
@@ -573,6 +701,10 @@ def serve_command(
         raise cli.UserError(f"--port must be in 1..65535 (got {port})")
     if max_waiting < 1:
         raise cli.UserError(f"--max-waiting must be at least 1 (got {max_waiting})")
+    if max_sessions is not None and not 0 <= max_sessions <= max_batch_size:
+        raise cli.UserError(f"--max-sessions must be in 0..--max-batch-size ({max_batch_size}) (got {max_sessions})")
+    if session_ttl <= 0:
+        raise cli.UserError(f"--session-ttl must be > 0 seconds (got {session_ttl})")
     if shutdown_timeout < 0:
         raise cli.UserError(f"--shutdown-timeout must be >= 0 (got {shutdown_timeout})")
     model_path = cli.resolve_model(model)
@@ -591,7 +723,7 @@ def serve_command(
     log.info("%d slots x %d cache entries: KV cache %s (%s per slot); %s", llm.max_batch_size, llm.max_kv_len,
              format_bytes(llm.runner.cache.nbytes), format_bytes(llm.runner.cache.nbytes / llm.max_batch_size),
              describe_snapkv(snapkv))
-    app = create_app(llm, name, api_key, max_waiting)
+    app = create_app(llm, name, api_key, max_waiting, max_sessions, session_ttl)
 
     class DrainingServer(uvicorn.Server):
         def handle_exit(self, sig, frame):  # SIGTERM/SIGINT: the engine cancels what is left at the deadline

@@ -67,6 +67,7 @@ class ChatSession:
             raise ValueError(f"reserve must be a non-negative integer (got {reserve!r})")
         self.budget, self.reserve = budget, reserve
         self.closed = False
+        self.keep_aborted_turns = True  # an aborted turn's partial answer stays (False: the turn leaves no trace)
         self._busy: Sequence | None = None
         self._user_text = ""
         self._lock = llm._lock  # the engine's: turns end inside its step
@@ -132,6 +133,11 @@ class ChatSession:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    @property
+    def busy(self) -> bool:
+        """Whether a turn is queued or running."""
+        return self._busy is not None
+
     def _check_usable(self) -> None:
         if self.closed:
             raise ValueError("this chat session is closed; start a new one with llm.chat_session()")
@@ -172,10 +178,11 @@ class ChatSession:
         return self.policy
 
     def add_turn(self, user_text: str, params: SamplingParams | None = None, request_id: str | None = None,
-                 mailbox: deque | None = None) -> Sequence:
+                 mailbox: deque | None = None, fill_max_tokens: bool = False) -> Sequence:
         """Queue the next turn; `llm.step()` runs it like any request (its outputs come from step(), or go to
-        `mailbox`). Raises ValueError for a turn that cannot run (closed session, a turn still running, a
-        conversation past the model's positions or the slot)."""
+        `mailbox`). fill_max_tokens: replace params.max_tokens by the most this turn can have without leaving
+        the budget plus the reserve (the full cache: the slot). Raises ValueError for a turn that cannot run
+        (closed session, a turn still running, a conversation past the model's positions or the slot)."""
         if not isinstance(user_text, str) or not user_text:
             raise ValueError("a chat turn needs a non-empty user message (a string)")
         params = params or SamplingParams()
@@ -183,6 +190,11 @@ class ChatSession:
             self._check_usable()
             ids = self.new_tokens(user_text)
             candidates = self.held_entries + len(ids)
+            if fill_max_tokens:
+                capacity = self.llm.runner.capacity
+                room = capacity - self.budget - self.reserve if self.compressing else capacity - candidates
+                positions = self.llm.max_model_len - self.conversation_tokens - len(ids)
+                params = dataclasses.replace(params, max_tokens=max(1, min(room, positions)))
             policy = self.turn_policy(candidates, params.max_tokens, len(ids))
             seq = self.llm._add(None, params, False, ids, request_id, None, False, None, mailbox,
                                 turn=(self, policy))
@@ -195,8 +207,9 @@ class ChatSession:
             self._busy = None
             if not prefilled:  # aborted while waiting: nothing ran
                 return
-            if seq.finish_reason == "error" or seq.kept is None:  # the slot's entries may be half overwritten
-                self._clear(keep_history=True)
+            lost = seq.finish_reason == "error" or seq.kept is None  # the slot's entries may be half overwritten
+            if lost or (seq.finish_reason == "abort" and not self.keep_aborted_turns):
+                self._clear(keep_history=True)  # the next turn prefills the history again
                 return
             fed = seq.token_ids[:-1]  # every generated token but the last went through a decode step
             start = seq.start_position + len(seq.prompt_token_ids)
@@ -206,10 +219,12 @@ class ChatSession:
             self.pending = seq.token_ids[-1:]
             self.messages += [{"role": "user", "content": self._user_text},
                               {"role": "assistant", "content": seq.detokenizer.text}]
-            self.turns.append({"new_tokens": len(seq.prompt_token_ids), "generated_tokens": len(seq.token_ids),
-                               "held_entries": self.held_entries, "conversation_tokens": self.conversation_tokens,
-                               "compressed": not isinstance(seq.policy, FullCache),
-                               "prefill_s": seq.stats.get("prefill_s"), "kv_bytes": self.kv_bytes})
+            turn = {"new_tokens": len(seq.prompt_token_ids), "generated_tokens": len(seq.token_ids),
+                    "held_entries": self.held_entries, "conversation_tokens": self.conversation_tokens,
+                    "compressed": not isinstance(seq.policy, FullCache), "prefill_s": seq.stats.get("prefill_s"),
+                    "kv_bytes": self.kv_bytes}
+            self.turns.append(turn)
+            seq.stats["session"] = dict(turn)
 
     def send(self, user_text: str, params: SamplingParams | None = None) -> RequestOutput:
         """Run one turn and return its output (text, tokens, finish_reason, stats)."""

@@ -91,7 +91,7 @@ def http(method: str, url: str, body: bytes | dict | None = None, headers: dict 
 
 @pytest.fixture(scope="module")
 def server(smol_dir):
-    s = Server("--max-batch-size", "4")
+    s = Server("--max-batch-size", "4", "--max-sessions", "2", "--session-ttl", "6")
     yield s
     s.stop()
 
@@ -183,6 +183,62 @@ def test_sixteen_concurrent_streams_each_get_what_they_get_alone(server, llm):
     for t in threads:
         t.join(timeout=600)
     assert [got.get(i) for i in range(len(QUESTIONS))] == want
+
+
+DOCUMENT = ("The lighthouse on Gull Point was built in 1871 by the engineer Mara Lind. Its lamp burned whale oil "
+            "until 1902, when it was replaced by a kerosene burner. The keeper's cottage has four rooms.")
+
+
+def test_a_session_carries_its_cache_and_answers_as_the_library_session(server, llm):
+    """Three turns by session_id: each answer equals the library's ChatSession (greedy), a later turn feeds only
+    its new tokens, and GET /v1/sessions/{id} shows the history."""
+    client, params = server.client(), SamplingParams(max_tokens=24)
+    questions = (DOCUMENT + "\n\nWho built the lighthouse?", "In which year?", "What did the lamp burn?")
+    with llm.chat_session(system="Answer briefly.") as local:  # first, so the server's turns follow each other
+        wants = [local.send(question, params) for question in questions]
+    messages = [{"role": "system", "content": "Answer briefly."}]
+    try:
+        for question, want, turn in zip(questions, wants, local.turns):
+            messages.append({"role": "user", "content": question})
+            got = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=messages, temperature=0,
+                                                 max_tokens=24, extra_body={"session_id": "lighthouse"})
+            assert got.choices[0].message.content == want.text
+            assert got.usage.prompt_tokens == turn["new_tokens"]
+            assert got.model_extra["snapkv"]["session"]["conversation_tokens"] == turn["conversation_tokens"]
+            messages.append({"role": "assistant", "content": got.choices[0].message.content})
+        assert local.turns[-1]["new_tokens"] < 40 < local.conversation_tokens  # only the new turn was fed
+        status, body = http("GET", server.base + "/v1/sessions/lighthouse")
+        assert status == 200 and json.loads(body)["messages"] == messages
+    finally:
+        http("DELETE", server.base + "/v1/sessions/lighthouse")
+
+
+def test_session_errors_limits_and_expiry(server):
+    url = server.base + "/v1/chat/completions"
+
+    def turn(session_id, *contents, **extra):
+        roles = ["user", "assistant"] * len(contents)
+        messages = [{"role": r, "content": c} for r, c in zip(roles, contents)]
+        return http("POST", url, {"messages": messages, "max_tokens": 4, "temperature": 0, "session_id": session_id,
+                                  **extra})
+
+    status, body = turn("a", "Hello.")
+    assert status == 200
+    answer = json.loads(body)["choices"][0]["message"]["content"]
+    assert_error(turn("a", "Hello.", "something else", "Next?"), 400, "messages", "do not extend session 'a'")
+    assert_error(turn("a", "Hello.", answer, "Next?", snapkv={"budget": 64, "window": 8}), 400, "snapkv",
+                 "keeps the snapkv settings")
+    assert turn("a", "Hello.", answer, "Next?")[0] == 200
+    assert turn("b", "Hi.")[0] == 200
+    assert_error(turn("c", "Hey."), 429, None, "2 sessions are open")  # --max-sessions 2
+    assert http("DELETE", server.base + "/v1/sessions/b")[0] == 200
+    assert_error(http("DELETE", server.base + "/v1/sessions/b"), 404, "session_id", "no open session")
+    assert turn("c", "Hey.")[0] == 200
+    assert chat(server.client(), "Say hello.", max_tokens=4).choices[0].message.content  # one-shot still served
+    wait_for(lambda: http("GET", server.base + "/v1/sessions/a")[0] == 404, seconds=30)  # --session-ttl 6
+    wait_for(lambda: http("GET", server.base + "/v1/sessions/c")[0] == 404, seconds=30)
+    assert turn("d", "Back again.")[0] == 200  # expired sessions gave their slots back
+    http("DELETE", server.base + "/v1/sessions/d")
 
 
 def assert_error(response, status: int, param: str | None, *words: str):
