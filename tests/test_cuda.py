@@ -1,7 +1,8 @@
 """The CUDA path on a real GPU (skipped without one; `make gpu-check` runs this file first). Graph replay equals eager
 decoding token for token at batch 1, 4 and 8, in bf16 and fp16, on Llama (flash-attn when it imports, SDPA's
-memory-efficient kernel, the split-KV path) and Mistral (sliding window: SDPA or split-KV); no prefill attention
-falls back to SDPA's math kernel (it is disabled, so a fallback raises) in any dtype.
+memory-efficient kernel, the split-KV path) and Mistral (sliding window: SDPA or split-KV), and for a chat
+session whose turns re-compress beside one-shot requests; no prefill attention (a session's continued prefill
+included) falls back to SDPA's math kernel (it is disabled, so a fallback raises) in any dtype.
 
 SNAPKV_TEST_DEVICE=cpu runs the same tests on CPU (no graphs there: eager against eager), which is how the gpu-
 check dry run keeps this file from rotting between GPU sessions.
@@ -90,3 +91,34 @@ def test_split_decode_attention_on_device(dtype):
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, :, None, :])
     got = attention.split_decode_attention(*(x.to(DEVICE, dtype) for x in (q, k, v)), valid.to(DEVICE))
     assert (got.float().cpu() - expected).abs().max().item() < (1e-4 if dtype == torch.float32 else 2e-2)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_session_graph_replay_equals_eager(tmp_path, monkeypatch, dtype):
+    """A conversation whose turns re-compress, next to one-shot requests in other slots, gives the same tokens
+    replayed from graphs as decoded eagerly; its continued prefills never need SDPA's math kernel."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    path = tiny_model_dir(tmp_path, "llama", vocab_size=49152, max_position_embeddings=2048)
+    monkeypatch.setattr(attention, "flash_attn_with_kvcache", None)
+    cfg = SnapKVConfig(budget=40, window=8, kernel=3)
+    graphed = LLM(path, device=DEVICE, dtype=dtype, snapkv=cfg, max_batch_size=4, max_kv_len=96, cuda_graph=True)
+    eager = LLM(path, device=DEVICE, dtype=dtype, snapkv=cfg, max_batch_size=4, max_kv_len=96, cuda_graph=False)
+    eager.runner.static = True
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    other = [torch.randint(3, 256, (50,), generator=torch.Generator().manual_seed(7)).tolist()]
+    turns = ["A first message that is long enough to be compressed at once, it goes on and on.", "Second?",
+             "Third, please.", "Fourth and last."]
+    fused = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+    answers = []
+    for llm in (graphed, eager):
+        with llm.chat_session(reserve=8) as chat, sdpa_kernel(fused) if DEVICE == "cuda" else torch.no_grad():
+            answers.append([])
+            for text in turns:
+                rid = llm.add_request(prompt_token_ids=other[0], sampling_params=params)  # shares the steps
+                answers[-1].append(chat.send(text, params).token_ids)
+                while llm.has_unfinished():
+                    llm.step()
+                assert llm.scheduler.find(rid) is None
+            assert sum(t["compressed"] for t in chat.turns) >= 2
+    assert answers[0] == answers[1]
