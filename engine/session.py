@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 
 from engine.sampling_params import SamplingParams
-from engine.sequence import RequestOutput, Sequence, Status
+from engine.sequence import ProgressFn, RequestOutput, Sequence, Status
 from snapkv.config import WINDOW_POLICIES, SnapKVConfig
 from snapkv.policies import FullCache, SelectionPolicy
 
@@ -164,21 +164,25 @@ class ChatSession:
         return pending + tokenizer.encode(after, add_special_tokens=False)
 
     def turn_policy(self, candidates: int, max_tokens: int, new: int) -> SelectionPolicy:
-        """Keep every candidate while they and the answer fit the budget plus the reserve (and the slot);
-        otherwise compress with the session's policy, its observation window no longer than the new tokens."""
+        """Keep every candidate while they and the answer fit the slot and the budget (a first turn, compressed as
+        any prompt is) or the budget plus the reserve (a later turn: the slot grows that far before it is
+        compressed again); otherwise compress with the session's policy, its window no longer than the new
+        tokens."""
         capacity = self.llm.runner.capacity
-        if candidates + max_tokens <= capacity and (not self.compressing or candidates <= self.budget + self.reserve):
+        limit = self.budget + (self.reserve if self.held_entries else 0)
+        if candidates + max_tokens <= capacity and (not self.compressing or candidates <= limit):
             return FullCache()
         if not self.compressing:
             raise ValueError(f"the conversation needs {candidates + max_tokens} cache entries ({candidates} so far, "
-                             f"max_tokens {max_tokens}) but a slot holds {capacity} with the full cache; reset() "
-                             "the session, use SnapKV, or build the engine with a larger max_kv_len")
+                             f"max_tokens {max_tokens}) but a slot holds {capacity} with the full cache; reset the "
+                             "session, use SnapKV, or give the engine a larger max_kv_len")
         if self.snapkv.policy in WINDOW_POLICIES and new < self.snapkv.window:
             return self.llm.make_policy(dataclasses.replace(self.snapkv, window=new))
         return self.policy
 
     def add_turn(self, user_text: str, params: SamplingParams | None = None, request_id: str | None = None,
-                 mailbox: deque | None = None, fill_max_tokens: bool = False) -> Sequence:
+                 mailbox: deque | None = None, fill_max_tokens: bool = False,
+                 progress: ProgressFn | None = None) -> Sequence:
         """Queue the next turn; `llm.step()` runs it like any request (its outputs come from step(), or go to
         `mailbox`). fill_max_tokens: replace params.max_tokens by the most this turn can have without leaving
         the budget plus the reserve (the full cache: the slot). Raises ValueError for a turn that cannot run
@@ -196,7 +200,7 @@ class ChatSession:
                 positions = self.llm.max_model_len - self.conversation_tokens - len(ids)
                 params = dataclasses.replace(params, max_tokens=max(1, min(room, positions)))
             policy = self.turn_policy(candidates, params.max_tokens, len(ids))
-            seq = self.llm._add(None, params, False, ids, request_id, None, False, None, mailbox,
+            seq = self.llm._add(None, params, False, ids, request_id, None, False, progress, mailbox,
                                 turn=(self, policy))
             self._busy, self._user_text = seq, user_text
             return seq
@@ -222,19 +226,20 @@ class ChatSession:
             turn = {"new_tokens": len(seq.prompt_token_ids), "generated_tokens": len(seq.token_ids),
                     "held_entries": self.held_entries, "conversation_tokens": self.conversation_tokens,
                     "compressed": not isinstance(seq.policy, FullCache), "prefill_s": seq.stats.get("prefill_s"),
-                    "kv_bytes": self.kv_bytes}
+                    "decode_s": seq.stats.get("decode_s"), "kv_bytes": self.kv_bytes}
             self.turns.append(turn)
             seq.stats["session"] = dict(turn)
 
-    def send(self, user_text: str, params: SamplingParams | None = None) -> RequestOutput:
+    def send(self, user_text: str, params: SamplingParams | None = None,
+             progress: ProgressFn | None = None) -> RequestOutput:
         """Run one turn and return its output (text, tokens, finish_reason, stats)."""
-        seq = self.add_turn(user_text, params, mailbox=deque(maxlen=1))
+        seq = self.add_turn(user_text, params, mailbox=deque(maxlen=1), progress=progress)
         self.llm._run_until(lambda: seq.status is Status.FINISHED)
         return seq.mailbox[-1]
 
-    def stream(self, user_text: str, params: SamplingParams | None = None,
-               result: list | None = None) -> Iterator[str]:
+    def stream(self, user_text: str, params: SamplingParams | None = None, result: list | None = None,
+               progress: ProgressFn | None = None) -> Iterator[str]:
         """Run one turn, yielding its text as it is produced; the final RequestOutput is appended to `result`
         (if a list). Closing the iterator early aborts the turn; what was generated stays in the conversation."""
-        seq = self.add_turn(user_text, params, mailbox=deque())
+        seq = self.add_turn(user_text, params, mailbox=deque(), progress=progress)
         return self.llm._drain(seq, result)
