@@ -3,10 +3,12 @@
 PrefillView: one prompt into one slot. The model hands each layer's full-length K/V and its last queries to
 `store`; right there, inside that layer, the selection policy (SnapKV or another) picks the entries to keep and
 only those are written to the static cache. So the full-length K/V of one layer exist at a time, never of all
-layers. `store` runs once per layer, which is also where prefill progress comes from.
+layers. `store` runs once per layer, which is also where prefill progress comes from. A conversation's next turn
+(engine.session) first reads, through `past`, the entries its slot holds; they and the new tokens are the
+candidates `store` selects from.
 DecodeView: one new token per batch slot, appended in place at the length of each (layer, kv head) row; attention
-over the first `span` entries of the static buffer with a per-row validity mask. In a captured or compiled step `span` is the capacity,
-so every shape is fixed; eager decoding narrows it to what the live slots hold.
+over the first `span` entries of the static buffer with a per-row validity mask. In a captured or compiled step
+`span` is the capacity, so every shape is fixed; eager decoding narrows it to what the live slots hold.
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ long ones waits for at most the long prefill in progress, and a long one is neve
 request frees its slot at once, and the next waiting request takes it at the next step while the others keep
 decoding. A conversation (engine.session) reserves a slot and keeps it between turns; each of its turns is
 admitted into that slot, never a free one. Whether a request can ever fit a slot (its cache entries, its prefill
-memory) is decided when it is added, by the `admission_check` the engine passes in (engine.memory_model), so a refusal
-comes before anything runs and never disturbs the other requests.
+memory) is decided when it is added, by the `admission_check` the engine passes in (engine.memory_model), so a
+refusal comes before anything runs and never disturbs the other requests.
 """
 
 from __future__ import annotations
