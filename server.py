@@ -183,6 +183,9 @@ class Metrics:
         self.kv_bytes = Gauge("snapkv_kv_cache_kept_bytes", "KV bytes the running requests hold", registry=r)
         self.full_kv_bytes = Gauge("snapkv_kv_cache_full_equivalent_bytes",
                                    "KV bytes the running requests would hold with the full cache", registry=r)
+        self.sessions = Gauge("snapkv_sessions_open", "Conversations (session_id) holding a cache slot", registry=r)
+        self.session_kv_bytes = Gauge("snapkv_sessions_kv_bytes", "KV bytes the open conversations hold",
+                                      registry=r)
         self.step_seconds = Histogram("snapkv_decode_step_seconds", "Time of one decode step (all live slots)",
                                       buckets=(.005, .01, .02, .04, .08, .15, .3, .6, 1.2, 2.5, 5), registry=r)
         self.ttft_seconds = Histogram("snapkv_time_to_first_token_seconds", "From arrival to the first token",
@@ -354,6 +357,8 @@ class EngineLoop:
                 self.streams.pop(rid, None)
             with self.admission:
                 self.sessions.expire()
+                self.metrics.sessions.set(len(self.sessions.open))
+                self.metrics.session_kv_bytes.set(sum(entry[0].kv_bytes for entry in self.sessions.open.values()))
             self.metrics.record_load(self.llm.load())  # after every step, abort and idle second
             if self.deadline is not None and time.monotonic() >= self.deadline:
                 for out in self._fail_all("the server is shutting down"):

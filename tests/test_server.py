@@ -231,6 +231,7 @@ def test_session_errors_limits_and_expiry(server):
     assert turn("a", "Hello.", answer, "Next?")[0] == 200
     assert turn("b", "Hi.")[0] == 200
     assert_error(turn("c", "Hey."), 429, None, "2 sessions are open")  # --max-sessions 2
+    wait_for(lambda: server.metric("snapkv_sessions_open") == 2 and server.metric("snapkv_sessions_kv_bytes") > 0)
     assert http("DELETE", server.base + "/v1/sessions/b")[0] == 200
     assert_error(http("DELETE", server.base + "/v1/sessions/b"), 404, "session_id", "no open session")
     assert turn("c", "Hey.")[0] == 200
