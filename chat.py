@@ -85,8 +85,7 @@ def chat_command(
     reserve: Optional[int] = typer.Option(None, "--reserve", help="Entries past the budget the conversation may "
                                           "hold before it is compressed again.", show_default="half the room the "
                                           "slot has beyond the budget"),
-    max_kv_len: Optional[int] = typer.Option(None, "--max-kv-len", help="Cache entries the conversation's slot has.",
-                                             show_default="the SnapKV budget + 1024, or the model's length"),
+    max_kv_len: Optional[int] = cli.MAX_KV_LEN,
     budget: int = cli.BUDGET,
     no_snapkv: bool = cli.NO_SNAPKV,
     window: int = cli.WINDOW,

@@ -149,6 +149,8 @@ COMPILE = typer.Option(False, "--compile", help="Run the decode step through tor
                        "graphs on, the compiled step is what gets captured).")
 PREFILL_CHUNK = typer.Option(None, "--prefill-chunk", help="Prefill the prompt layer by layer in chunks of this "
                              "many tokens (bounds prefill memory).", show_default="4096 on cuda, 512 on cpu")
+MAX_KV_LEN = typer.Option(None, "--max-kv-len", help="Cache entries per slot.",
+                          show_default="the SnapKV budget + 1024, or the model's length")
 ALLOW_LONGER_CONTEXT = typer.Option(False, "--allow-longer-context", help="Accept prompts longer than the model's "
                                     "max_position_embeddings.")
 

@@ -672,8 +672,7 @@ def serve_command(
     host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
     port: int = typer.Option(8000, help="Port to listen on."),
     max_batch_size: int = typer.Option(8, "--max-batch-size", help="Cache slots: requests decoded together."),
-    max_kv_len: Optional[int] = typer.Option(None, "--max-kv-len", help="Cache entries per slot.",
-                                             show_default="the SnapKV budget + 1024, or the model's length"),
+    max_kv_len: Optional[int] = cli.MAX_KV_LEN,
     max_waiting: int = typer.Option(256, "--max-waiting", help="Requests that may wait for a slot; more get 429."),
     max_sessions: Optional[int] = typer.Option(None, "--max-sessions", help="Conversations (session_id) kept open "
                                                "at once, each holding a cache slot; more get 429.",
