@@ -35,7 +35,7 @@ demo: install weights
 	$(VENV)/bin/snapkv-run --model $(WEIGHTS) --prompt examples/long_prompt.txt --max-new-tokens 48 --compare --stats
 
 test: install weights
-	$(VENV)/bin/pytest -q tests
+	$(VENV)/bin/pytest -q --durations=15 tests
 
 # quick quality eval (every task once at 1K tokens, a small NIAH grid, budgets 128/256): a few minutes on 2 cores.
 # The full eval and the defaults sweep are documented in benchmarks/results/quality.md.
