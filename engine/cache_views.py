@@ -25,11 +25,16 @@ from snapkv.policies import SelectionPolicy
 class PrefillView:
     def __init__(self, cache: KVCache, slot: int, policy: SelectionPolicy, record_kept: bool = False,
                  progress: Callable[[int, int], None] | None = None,
-                 past_positions: list[torch.Tensor] | None = None, start: int = 0):
+                 past_positions: list[torch.Tensor] | None = None, start: int = 0,
+                 past_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None):
         """past_positions: for a conversation's next turn, per layer the positions [kv_heads, P] of the entries
-        the slot already holds (the new tokens sit at start, start + 1, ...); they are candidates again."""
+        the slot already holds (the new tokens sit at start, start + 1, ...); they are candidates again.
+        past_kv: instead of the slot's entries, per layer the K/V [kv_heads, P, head_dim] of the whole
+        conversation so far (a session that keeps its full history); this turn's own K/V are then collected in
+        `turn_kv` for it."""
         self.cache, self.slot, self.policy, self.progress = cache, slot, policy, progress
-        self.past_positions, self.start = past_positions, start
+        self.past_positions, self.start, self.past_kv = past_positions, start, past_kv
+        self.turn_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if past_kv is not None else None
         record = record_kept or past_positions is not None
         self.kept: list[torch.Tensor] | None = [] if record else None  # per layer: [kv_heads, n] positions
         self.entries = 0  # entries held, summed over layers and kv heads
@@ -40,6 +45,9 @@ class PrefillView:
         """The entries this slot holds from earlier turns, [1, kv_heads, P, head_dim] views (read before store)."""
         if self.past_positions is None or not self.past_positions[layer].shape[-1]:
             return None
+        if self.past_kv is not None:
+            k, v = self.past_kv[layer]
+            return k[None].to(self.cache.device, self.cache.dtype), v[None].to(self.cache.device, self.cache.dtype)
         n = self.past_positions[layer].shape[-1]
         return self.cache.k[layer, self.slot, None, :, :n], self.cache.v[layer, self.slot, None, :, :n]
 
@@ -49,6 +57,9 @@ class PrefillView:
         keep = self.policy.select(q, k, layer)
         k, v = k[0], v[0]  # prefill runs one sequence: [kv_heads, candidates, head_dim]
         heads, candidates = k.shape[:2]
+        if self.turn_kv is not None:  # the new tokens' entries, for the conversation's full history
+            first_new = self.past_positions[layer].shape[-1]
+            self.turn_kv.append((k[:, first_new:].to("cpu", copy=True), v[:, first_new:].to("cpu", copy=True)))
         if keep is None:
             keep = torch.arange(candidates, device=k.device).expand(heads, -1)
         else:

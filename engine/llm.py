@@ -214,17 +214,19 @@ class LLM:
                            self.eos_ids, return_kept, progress, mailbox)
             if turn:
                 session = seq.session = turn[0]
-                seq.pinned_slot, seq.past_positions, seq.start_position = session.slot, session.positions, \
-                    session.conversation_tokens
+                seq.pinned_slot, seq.start_position = session.slot, session.conversation_tokens
+                seq.past_positions, seq.past_kv = session.past_candidates()
             self.scheduler.add(seq)
         return seq
 
     def chat_session(self, system: str | None = None, snapkv: SnapKVConfig | None = ENGINE_POLICY,
-                     reserve: int | None = None) -> ChatSession:
+                     reserve: int | None = None, full_history: bool = False) -> ChatSession:
         """A conversation that keeps its compressed cache in one slot between turns (engine.session): `send`,
         `stream`, `history`, `reset`, `close`. snapkv: its selection settings (None: the full cache; default the
         engine's). reserve: how many entries past the budget the slot may grow before it is compressed again
-        (default: half the room the slot has beyond the budget). Raises ValueError if no slot is free."""
+        (default: half the room the slot has beyond the budget). full_history: also keep every entry of the
+        conversation in host memory, so that each turn selects from all of it, not only from what the slot
+        kept. Raises ValueError if no slot is free."""
         cfg = self.snapkv if snapkv is ENGINE_POLICY else snapkv
         with self._lock:
             slot = self.scheduler.reserve_slot()
@@ -233,7 +235,7 @@ class LLM:
                                  "running requests or other conversations; close one, or build the engine with a "
                                  "larger max_batch_size")
         try:
-            return ChatSession(self, slot, system, cfg, reserve)
+            return ChatSession(self, slot, system, cfg, reserve, full_history)
         except ValueError:
             with self._lock:
                 self.scheduler.unreserve_slot(slot)

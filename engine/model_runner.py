@@ -76,7 +76,7 @@ class ModelRunner:
         start = time.perf_counter()
         view = PrefillView(self.cache, slot, seq.policy, record_kept=seq.return_kept,
                            progress=(lambda done, total: progress("prefill", done, total)) if progress else None,
-                           past_positions=seq.past_positions, start=first_position)
+                           past_positions=seq.past_positions, start=first_position, past_kv=seq.past_kv)
         positions = torch.arange(first_position, first_position + len(ids), device=self.device)[None]
         with PeakMeter(self.device) as meter:
             logits = self.model(torch.tensor([ids], device=self.device), positions=positions, ctx=view,
@@ -87,7 +87,7 @@ class ModelRunner:
         first = next_tokens(seq.sampling_mode, logits, x.rows(slot, slot + 1))  # as the step would, at token index 0
         x.tokens[slot], x.positions[slot], x.index[slot], x.active[slot] = first[0], first_position + len(ids), 1, 1
         token = int(first[0])
-        seq.cache_entries, seq.kept = view.longest, view.kept
+        seq.cache_entries, seq.kept, seq.turn_kv = view.longest, view.kept, view.turn_kv
         rows = self.config.num_layers * self.config.num_kv_heads
         # kept_tokens: entries per (layer, kv head) on average (what the memory holds); kept_max: the largest row
         seq.stats.update(kept_tokens=round(view.entries / rows), kept_max=view.longest,

@@ -69,6 +69,8 @@ class Sequence:
         self.pinned_slot: int | None = None
         self.past_positions: list[torch.Tensor] | None = None
         self.start_position = 0
+        self.past_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # a full-history session's K/V
+        self.turn_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # ...and this turn's, once prefilled
 
     @property
     def candidates(self) -> int:

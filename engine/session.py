@@ -46,7 +46,7 @@ MARKER = "\x00snapkv-answer\x00"  # stands in for the last answer when a templat
 
 class ChatSession:
     def __init__(self, llm: LLM, slot: int, system: str | None, snapkv: SnapKVConfig | None,
-                 reserve: int | None = None):
+                 reserve: int | None = None, full_history: bool = False):
         if llm.config.sliding_window is not None:
             raise ValueError("conversations that keep their cache need a model without a sliding window (held "
                              "entries would need per-position masks in prefill); send each turn as a whole prompt "
@@ -56,7 +56,7 @@ class ChatSession:
                              "next turn cannot attend to; use snapkv or pyramidkv for a chat session")
         if llm.tokenizer.chat_template is None:
             raise ValueError("this model's tokenizer has no chat template; a chat session needs one")
-        self.llm, self.slot, self.system, self.snapkv = llm, slot, system, snapkv
+        self.llm, self.slot, self.system, self.snapkv, self.full_history = llm, slot, system, snapkv, full_history
         self.policy = llm.make_policy(snapkv)
         self.compressing = not isinstance(self.policy, FullCache)
         budget = self.policy.most_per_head() if self.compressing else llm.runner.capacity
@@ -84,6 +84,10 @@ class ChatSession:
         self.token_ids: list[int] = []  # every token fed to the model, in order (their count is the next position)
         self.pending: list[int] = []  # the last answer's final token: sampled, not fed yet
         self.turns: list[dict] = []  # per finished turn: its statistics
+        # full_history: per layer the K/V [kv_heads, conversation_tokens, head_dim] of every token fed, in host memory
+        empty = torch.empty(heads, 0, self.llm.config.head_dim, dtype=self.llm.dtype)
+        self.archive: list[tuple[torch.Tensor, torch.Tensor]] | None = [(empty, empty)] * layers \
+            if self.full_history else None
 
     @property
     def history(self) -> list[dict]:
@@ -105,6 +109,19 @@ class ChatSession:
         """Bytes of K/V the slot's held entries take (summed over layers; a row's unused room not counted)."""
         entries = sum(p.shape[-1] for p in self.positions) / self.llm.config.num_layers
         return round(entries * self.llm.kv_bytes_per_entry)
+
+    def past_candidates(self) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]] | None]:
+        """What the next turn selects from besides its own tokens: per layer the positions of the slot's entries
+        (and None), or, keeping the full history, every position so far and its K/V."""
+        if not self.full_history:
+            return self.positions, None
+        heads, n = self.llm.config.num_kv_heads, self.conversation_tokens
+        return [torch.arange(n).expand(heads, n)] * self.llm.config.num_layers, self.archive
+
+    @property
+    def history_bytes(self) -> int:
+        """Bytes of the full history kept in host memory (full_history only; else 0)."""
+        return sum(k.nbytes + v.nbytes for k, v in self.archive) if self.archive else 0
 
     @property
     def kept_positions(self) -> list[torch.Tensor]:
@@ -193,7 +210,7 @@ class ChatSession:
         with self._lock:
             self._check_usable()
             ids = self.new_tokens(user_text)
-            candidates = self.held_entries + len(ids)
+            candidates = (self.conversation_tokens if self.full_history else self.held_entries) + len(ids)
             if fill_max_tokens:
                 capacity = self.llm.runner.capacity
                 room = capacity - self.budget - self.reserve if self.compressing else capacity - candidates
@@ -216,6 +233,13 @@ class ChatSession:
                 self._clear(keep_history=True)  # the next turn prefills the history again
                 return
             fed = seq.token_ids[:-1]  # every generated token but the last went through a decode step
+            if self.full_history:  # the history grows by this turn's tokens and the answer's decoded entries
+                cache = self.llm.runner.cache
+                for layer, (kept, (turn_k, turn_v)) in enumerate(zip(seq.kept, seq.turn_kv)):
+                    n = kept.shape[-1]
+                    k, v = (c[layer, self.slot, :, n:n + len(fed)].cpu() for c in (cache.k, cache.v))
+                    old_k, old_v = self.archive[layer]
+                    self.archive[layer] = torch.cat([old_k, turn_k, k], dim=1), torch.cat([old_v, turn_v, v], dim=1)
             start = seq.start_position + len(seq.prompt_token_ids)
             decoded = torch.arange(start, start + len(fed))
             self.positions = [torch.cat([kept, decoded.expand(kept.shape[0], -1)], dim=-1) for kept in seq.kept]
@@ -226,7 +250,8 @@ class ChatSession:
             turn = {"new_tokens": len(seq.prompt_token_ids), "generated_tokens": len(seq.token_ids),
                     "held_entries": self.held_entries, "conversation_tokens": self.conversation_tokens,
                     "compressed": not isinstance(seq.policy, FullCache), "prefill_s": seq.stats.get("prefill_s"),
-                    "decode_s": seq.stats.get("decode_s"), "kv_bytes": self.kv_bytes}
+                    "decode_s": seq.stats.get("decode_s"), "kv_bytes": self.kv_bytes,
+                    "history_bytes": self.history_bytes}
             self.turns.append(turn)
             seq.stats["session"] = dict(turn)
 

@@ -164,3 +164,39 @@ def test_reset_and_refusals(model_dir, tmp_path):
     mistral = LLM(tiny_model_dir(tmp_path, "mistral", vocab_size=49152, sliding_window=16), max_batch_size=1)
     with pytest.raises(ValueError, match="sliding window"):
         mistral.chat_session()
+
+
+def test_full_history_selects_from_the_whole_conversation(model_dir):
+    """With full_history every turn chooses among all the conversation's entries: layer 0 (whose keys and queries
+    depend only on tokens and positions) keeps exactly what SnapKV keeps from one prefill of the conversation."""
+    window = 8
+    cfg = SnapKVConfig(budget=40, window=window, kernel=3)
+    llm = LLM(model_dir, snapkv=cfg, max_batch_size=1, max_kv_len=80)
+    chat = llm.chat_session(reserve=0, full_history=True)
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    for text in TURNS:
+        start = chat.conversation_tokens
+        chat.send(text, params)
+    assert all(t["compressed"] for t in chat.turns) and chat.held_entries == 40 + 11
+    prompt = chat.token_ids[:start + chat.turns[-1]["new_tokens"]]  # the last turn's candidates
+
+    class Layer0:
+        tail_queries = window
+
+        def past(self, layer):
+            return None
+
+        def store(self, layer, q, k, v):
+            if layer == 0:
+                self.q, self.k = q, k
+
+    full, upto = Layer0(), Layer0()
+    with torch.no_grad():
+        llm.model(torch.tensor([chat.token_ids]), ctx=full)
+        llm.model(torch.tensor([prompt]), ctx=upto)
+    archived = chat.archive[0][0]
+    assert archived.shape[1] == chat.conversation_tokens
+    assert (archived - full.k[0]).abs().max().item() < 1e-4  # every entry, in position order
+    expected = llm.make_policy(cfg).select(upto.q, upto.k, 0)[0]
+    assert torch.equal(chat.positions[0][:, :40], expected)
+    assert chat.history_bytes == 2 * archived.nbytes * llm.config.num_layers
