@@ -65,8 +65,9 @@ def status_line(turn: dict, seconds: float) -> str:
     answer_s = seconds - prefill_s  # the answer's tokens: the first one sampled at prefill, the rest decoded
     rate = f"{turn['generated_tokens'] / answer_s:.1f} tok/s" if answer_s > 0 else "- tok/s"
     compressed = "compressed this turn" if turn["compressed"] else "nothing dropped this turn"
+    history = f" (+ {format_bytes(turn['history_bytes'])} of history in host memory)" if turn["history_bytes"] else ""
     return (f"kept {held:,} / {total:,} tokens ({total / held:.1f}x) · {compressed} · prefill {prefill_s:.2f} s · "
-            f"KV {format_bytes(turn['kv_bytes'])} · {rate}")
+            f"KV {format_bytes(turn['kv_bytes'])}{history} · {rate}")
 
 
 @app.command(help="Chat in the terminal; with stdin not a terminal, each non-blank line is one user message (answers "
@@ -85,6 +86,9 @@ def chat_command(
     reserve: Optional[int] = typer.Option(None, "--reserve", help="Entries past the budget the conversation may "
                                           "hold before it is compressed again.", show_default="half the room the "
                                           "slot has beyond the budget"),
+    full_history: bool = typer.Option(False, "--full-history", help="Also keep every entry of the conversation "
+                                      "in host memory, so each turn's question selects from all of it (the quality "
+                                      "of prefilling the conversation again; memory grows like a full cache)."),
     max_kv_len: Optional[int] = cli.MAX_KV_LEN,
     budget: int = cli.BUDGET,
     no_snapkv: bool = cli.NO_SNAPKV,
@@ -116,7 +120,7 @@ def chat_command(
         llm = LLM(model_path, device=device.value, dtype=dtype.value, snapkv=snapkv, max_batch_size=1,
                   max_kv_len=max_kv_len, cuda_graph=cuda_graph, compile=compile_step,
                   prefill_chunk_size=prefill_chunk, allow_longer_context=allow_longer_context)
-    with llm.chat_session(system=system, snapkv=snapkv, reserve=reserve) as chat:
+    with llm.chat_session(system=system, snapkv=snapkv, reserve=reserve, full_history=full_history) as chat:
         if interactive:
             kept = f"SnapKV budget {chat.budget} + reserve {chat.reserve}" if chat.compressing else "full cache"
             opening = f" · {document} opens the conversation" if document_text else ""

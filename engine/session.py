@@ -16,6 +16,13 @@ new turn's last `window` queries voting (SnapKV's own idea, one observation wind
 goes back to `budget` entries and what the new question needs is kept. The positions of every held entry are
 tracked per (layer, kv head), so `kept_positions` says which conversation tokens the cache still holds.
 
+Entries dropped in one turn are gone for the next: a document compressed under a turn-1 window that did not ask
+about it may have lost what a later question needs (measured in benchmarks/results/multiturn.md: 0 of 20 against 4
+of 20 for prefilling the conversation again). `full_history=True` keeps every entry of the conversation in host
+memory as well (what a full cache would hold, off the decode path): each turn's new tokens then attend to the
+whole conversation and its window selects from all of it, as a re-prefill would, while decode still reads only
+the compressed slot (4 of 20 there, at the carried session's speed).
+
 What is new in a turn comes from the chat template itself: the conversation is rendered with a marker in place
 of the last answer, and what follows the marker is the closing and the next turn, whatever the template's
 format. The cache holds each turn as it was rendered then; a template that renders earlier turns differently
