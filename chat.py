@@ -100,6 +100,8 @@ def chat_command(
     sink_tokens: Optional[int] = cli.SINK_TOKENS,
     device: cli.Device = cli.DEVICE,
     dtype: cli.DType = cli.DTYPE,
+    weights_dtype: cli.WeightsDType = cli.WEIGHTS_DTYPE,
+    kv_dtype: cli.KVDType = cli.KV_DTYPE,
     cuda_graph: bool = cli.CUDA_GRAPH,
     compile_step: bool = cli.COMPILE,
     prefill_chunk: Optional[int] = cli.PREFILL_CHUNK,
@@ -119,7 +121,8 @@ def chat_command(
         display.stage(f"loading {model_path.name}")
         llm = LLM(model_path, device=device.value, dtype=dtype.value, snapkv=snapkv, max_batch_size=1,
                   max_kv_len=max_kv_len, cuda_graph=cuda_graph, compile=compile_step,
-                  prefill_chunk_size=prefill_chunk, allow_longer_context=allow_longer_context)
+                  prefill_chunk_size=prefill_chunk, allow_longer_context=allow_longer_context,
+                  weights_dtype=weights_dtype.value, kv_dtype=kv_dtype.value)
     with llm.chat_session(system=system, snapkv=snapkv, reserve=reserve, full_history=full_history) as chat:
         if interactive:
             kept = f"SnapKV budget {chat.budget} + reserve {chat.reserve}" if chat.compressing else "full cache"

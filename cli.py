@@ -17,7 +17,8 @@ from typing import Optional
 
 import typer
 
-from engine.llm import DEVICES, DTYPES
+from engine.llm import DEVICES, DTYPES, KV_DTYPES
+from models.loader import WEIGHTS_DTYPES
 from snapkv.config import CHOICES, HELP, SnapKVConfig
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "weights" / "SmolLM2-135M-Instruct"
@@ -36,6 +37,8 @@ GroupAgg = choices("GroupAgg", CHOICES["group_agg"])
 Policy = choices("Policy", CHOICES["policy"])
 Device = choices("Device", DEVICES)
 DType = choices("DType", DTYPES)
+WeightsDType = choices("WeightsDType", WEIGHTS_DTYPES)
+KVDType = choices("KVDType", KV_DTYPES)
 SNAPKV = SnapKVConfig()  # the defaults of every SnapKV flag
 
 
@@ -90,8 +93,9 @@ def print_stats(stats: dict) -> None:
     prompt, kept, generated = stats["prompt_tokens"], stats["kept_tokens"], stats.get("generated_tokens", 0)
     print(f"prompt tokens   {prompt}", file=out)
     print(f"kept tokens     {kept} per layer and kv head ({prompt / kept:.2f}x compression)", file=out)
-    print(f"KV cache        {format_bytes(stats['kv_bytes'])} (full cache: {format_bytes(stats['full_kv_bytes'])}, "
-          f"{stats['full_kv_bytes'] / stats['kv_bytes']:.2f}x larger)", file=out)
+    print(f"KV cache        {format_bytes(stats['kv_bytes'])} {stats['kv_dtype']} (full cache: "
+          f"{format_bytes(stats['full_kv_bytes'])}, {stats['full_kv_bytes'] / stats['kv_bytes']:.2f}x larger)", file=out)
+    print(f"weights         {format_bytes(stats['weight_bytes'])}", file=out)
     print(f"prefill         {prompt / stats['prefill_s']:.1f} tok/s ({stats['prefill_s']:.2f} s)", file=out)
     measured = stats.get("measured_peak_bytes")
     print(f"peak memory     predicted {format_bytes(stats['predicted_peak_bytes'])}, measured "
@@ -143,6 +147,11 @@ SINK_TOKENS = typer.Option(None, "--sink-tokens", help=HELP["sink_tokens"], show
 DEVICE = typer.Option("cpu", help="Where to run.")
 DTYPE = typer.Option("auto", help="Weights and KV-cache dtype (auto: bfloat16 on a GPU, float16 where it has no "
                      "bfloat16, float32 on CPU).")
+WEIGHTS_DTYPE = typer.Option("auto", "--weights-dtype", help="How the weights are stored: int4/int8 are "
+                             "weight-only quantized (smaller, faster decode; see README); auto: a .gguf keeps its "
+                             "own quantization, anything else is stored in --dtype.")
+KV_DTYPE = typer.Option("auto", "--kv-dtype", help="KV cache storage: int8 (a scale per token and kv head) or auto "
+                        "(--dtype).")
 CUDA_GRAPH = typer.Option(True, "--cuda-graph/--no-cuda-graph", help="On CUDA, replay the decode step as captured "
                           "CUDA graphs (--no-cuda-graph: eager).")
 COMPILE = typer.Option(False, "--compile", help="Run the decode step through torch.compile (a slow start; with CUDA "
@@ -203,6 +212,8 @@ def run(
     sink_tokens: Optional[int] = SINK_TOKENS,
     device: Device = DEVICE,
     dtype: DType = DTYPE,
+    weights_dtype: WeightsDType = WEIGHTS_DTYPE,
+    kv_dtype: KVDType = KV_DTYPE,
     cuda_graph: bool = CUDA_GRAPH,
     compile_step: bool = COMPILE,
     prefill_chunk: Optional[int] = PREFILL_CHUNK,
@@ -231,7 +242,8 @@ def run(
         display.stage(f"loading {model_path.name}")
         llm = LLM(model_path, device=device.value, dtype=dtype.value, snapkv=None if compare else snapkv,
                   max_batch_size=2 if compare else 1, max_kv_len=max_kv_len, cuda_graph=cuda_graph,
-                  compile=compile_step, prefill_chunk_size=prefill_chunk, allow_longer_context=allow_longer_context)
+                  compile=compile_step, prefill_chunk_size=prefill_chunk, allow_longer_context=allow_longer_context,
+                  weights_dtype=weights_dtype.value, kv_dtype=kv_dtype.value)
         if chat and llm.tokenizer.chat_template is None:
             chat = False
             display.note("the model has no chat template; sending the prompt as plain text")

@@ -694,6 +694,8 @@ def serve_command(
     sink_tokens: Optional[int] = cli.SINK_TOKENS,
     device: cli.Device = cli.DEVICE,
     dtype: cli.DType = cli.DTYPE,
+    weights_dtype: cli.WeightsDType = cli.WEIGHTS_DTYPE,
+    kv_dtype: cli.KVDType = cli.KV_DTYPE,
     cuda_graph: bool = cli.CUDA_GRAPH,
     compile_step: bool = cli.COMPILE,
     prefill_chunk: Optional[int] = cli.PREFILL_CHUNK,
@@ -719,7 +721,8 @@ def serve_command(
     log.info("loading %s", model_path)
     llm = LLM(model_path, device=device.value, dtype=dtype.value, snapkv=snapkv, max_batch_size=max_batch_size,
               max_kv_len=max_kv_len, cuda_graph=cuda_graph, compile=compile_step, prefill_chunk_size=prefill_chunk,
-              allow_longer_context=allow_longer_context)
+              allow_longer_context=allow_longer_context,
+              weights_dtype=weights_dtype.value, kv_dtype=kv_dtype.value)
     name = served_model_name or (model_path.stem if model_path.suffix == ".gguf" else model_path.name)
     cfg = llm.config
     log.info("model %s: %d layers, %d kv heads x %d, %s on %s; max %d positions", name, cfg.num_layers,

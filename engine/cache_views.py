@@ -49,7 +49,8 @@ class PrefillView:
             k, v = self.past_kv[layer]
             return k[None].to(self.cache.device, self.cache.dtype), v[None].to(self.cache.device, self.cache.dtype)
         n = self.past_positions[layer].shape[-1]
-        return self.cache.k[layer, self.slot, None, :, :n], self.cache.v[layer, self.slot, None, :, :n]
+        k, v = self.cache.read_rows((layer, self.slot, slice(None), slice(0, n)))
+        return k[None], v[None]
 
     def store(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Select this layer's entries to keep among the candidates k/v (q: at least the last `tail_queries`
@@ -85,7 +86,8 @@ class PrefillView:
 class DecodeView:
     def __init__(self, cache: KVCache, positions: torch.Tensor, sliding_window: int | None):
         self.cache, self.positions, self.sliding_window = cache, positions, sliding_window
-        self.backend = decode_backend(cache.device, cache.dtype, needs_position_mask=sliding_window is not None)
+        self.backend = decode_backend(cache.device, cache.storage_dtype,
+                                      needs_position_mask=sliding_window is not None)
         self.begin_step(cache.capacity)
 
     def begin_step(self, span: int) -> None:
@@ -100,5 +102,5 @@ class DecodeView:
         valid = cache.visible(layer, span)
         if self.sliding_window is not None:
             valid = valid & cache.in_window(layer, self.positions, self.sliding_window, span)
-        return decode_attention(q, cache.k[layer, :, :, :span], cache.v[layer, :, :, :span], valid,
-                                backend=self.backend)
+        k, v = cache.read(layer, span)
+        return decode_attention(q, k, v, valid, backend=self.backend)

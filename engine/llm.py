@@ -34,12 +34,13 @@ from engine.sequence import ProgressFn, RequestOutput, Sequence, Status
 from engine.session import ChatSession
 from engine.tokenizer import Tokenizer
 from models.attention import prefill_repeats_kv
-from models.loader import load_config, load_model
+from models.loader import load_config, load_model, weight_bytes
 from snapkv.config import SnapKVConfig
 from snapkv.policies import SelectionPolicy, make_policy
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICES = ("cpu", "cuda")
+KV_DTYPES = ("auto", "int8")
 DEFAULT_NEW_TOKENS = 1024  # with SnapKV, a slot holds budget + this many entries unless max_kv_len says otherwise
 CACHE_MEMORY_SHARE = 0.5  # a default-sized cache takes at most this share of free memory; prefill needs the rest
 ENGINE_POLICY = object()  # add_request(snapkv=...) default: the engine's own SnapKV settings
@@ -49,7 +50,8 @@ class LLM:
     def __init__(self, model: str | Path, device: str = "cpu", dtype: str | torch.dtype = "auto",
                  snapkv: SnapKVConfig | None = None, max_batch_size: int = 8, max_kv_len: int | None = None,
                  max_model_len: int | None = None, allow_longer_context: bool = False, cuda_graph: bool = True,
-                 compile: bool = False, prefill_chunk_size: int | None = None):
+                 compile: bool = False, prefill_chunk_size: int | None = None, weights_dtype: str = "auto",
+                 kv_dtype: str = "auto"):
         """dtype: of the weights and the KV cache; "auto" is bfloat16 on a GPU that supports it (else float16) and
         float32 on CPU. max_batch_size: cache slots, i.e. requests decoded together. max_kv_len: entries a slot
         holds (default: the SnapKV budget + 1024 new tokens, or the model's length for the full cache; a default
@@ -58,7 +60,12 @@ class LLM:
         CUDA, decode by replaying captured graphs (False: eager). compile: run the decode step through
         torch.compile (with cuda_graph on CUDA, the compiled step is what gets captured). prefill_chunk_size:
         prompts are prefilled layer by layer in chunks of this many queries, which bounds prefill memory (default
-        4096 on CUDA; 512 on CPU, where SDPA materializes each chunk's causal mask, chunk x prompt length)."""
+        4096 on CUDA; 512 on CPU, where SDPA materializes each chunk's causal mask, chunk x prompt length).
+        weights_dtype: how the projections, embedding and lm_head are stored: "auto" (a GGUF keeps its own
+        quantization; anything else is stored in dtype), "float32", "bfloat16", "float16", "int8" (per output
+        channel) or "int4" (group-wise; embedding and lm_head int8) — models.loader.load_model says the details.
+        kv_dtype: "auto" (the cache in dtype) or "int8" (a float32 scale per entry and kv head, ~2x smaller than
+        bfloat16 at head_dim 64-128)."""
         if not isinstance(device, (str, torch.device)) or str(device).split(":")[0] not in DEVICES:
             raise ValueError(f"unsupported device {device!r}; use cpu or cuda")
         self.device = torch.device(device)
@@ -79,7 +86,11 @@ class LLM:
             raise ValueError(f"{path}: no such model file or directory")
         self.config = load_config(path)
         self.tokenizer = Tokenizer.from_path(path)
-        self.model = load_model(path, self.dtype, self.device, self.config)
+        if kv_dtype not in KV_DTYPES:
+            raise ValueError(f"unsupported kv dtype {kv_dtype!r}; use one of {', '.join(KV_DTYPES)}")
+        self.kv_int8 = kv_dtype == "int8"
+        self.model = load_model(path, self.dtype, self.device, self.config, weights_dtype)
+        self.weights_dtype, self.weight_bytes = weights_dtype, weight_bytes(self.model)
         self.snapkv = snapkv
         self.policy = self.make_policy(snapkv)
         self.max_batch_size = max_batch_size
@@ -87,10 +98,11 @@ class LLM:
         limit = self.config.max_position_embeddings
         self.max_model_len = (max_model_len or 1 << 31) if allow_longer_context else min(max_model_len or limit, limit)
         self.eos_ids = set(self.tokenizer.eos_token_ids) | set(self.config.eos_token_ids)
-        self.kv_bytes_per_entry = self.config.kv_bytes_per_token(self.dtype.itemsize)
+        self.kv_bytes_per_entry = self.config.kv_bytes_per_token(self.dtype.itemsize, self.kv_int8)
+        self.full_kv_bytes_per_entry = self.config.kv_bytes_per_token(self.dtype.itemsize)  # a full cache in dtype
         self.prefill_repeats_kv = prefill_repeats_kv(self.device, self.dtype, self.config.sliding_window)
         self.runner = ModelRunner(self.model, max_batch_size, self._capacity(max_kv_len), prefill_chunk_size,
-                                  cuda_graph=cuda_graph, compile=compile)
+                                  cuda_graph=cuda_graph, compile=compile, kv_int8=self.kv_int8)
         self.max_kv_len = self.runner.capacity
         self.scheduler = Scheduler(max_batch_size, prefill_chunk_size, self._admission_check)
         self._lock = threading.RLock()  # one step at a time; generate/stream from other threads join the loop
@@ -255,10 +267,10 @@ class LLM:
         and as a full cache would hold them (for the server's metrics)."""
         with self._lock:
             running = list(self.scheduler.running.values())
-            per_entry = self.kv_bytes_per_entry
+            per_entry, full_per_entry = self.kv_bytes_per_entry, self.full_kv_bytes_per_entry
             return {"running": len(running), "waiting": len(self.scheduler.waiting),
                     "kv_bytes": per_entry * sum(s.stats.get("kept_tokens", 0) + len(s.token_ids) for s in running),
-                    "full_kv_bytes": per_entry * sum(len(s.prompt_token_ids) + len(s.token_ids) for s in running)}
+                    "full_kv_bytes": full_per_entry * sum(len(s.prompt_token_ids) + len(s.token_ids) for s in running)}
 
     def abort(self, request_id: str) -> bool:
         """Drop a waiting or running request; its slot is free for the next one at once. False if unknown."""
@@ -333,8 +345,9 @@ class LLM:
             self.runner.release(seq.slot)
             self.scheduler.release(seq)
         per_entry, generated = self.kv_bytes_per_entry, len(seq.token_ids)
-        seq.stats.update(kv_bytes=per_entry * (seq.stats.get("kept_tokens", 0) + generated),
-                         full_kv_bytes=per_entry * (seq.start_position + len(seq.prompt_token_ids) + generated),
+        seq.stats.update(weight_bytes=self.weight_bytes, kv_dtype="int8" if self.kv_int8 else str(self.dtype)[6:],
+                         kv_bytes=per_entry * (seq.stats.get("kept_tokens", 0) + generated),
+                         full_kv_bytes=self.full_kv_bytes_per_entry * (seq.start_position + len(seq.prompt_token_ids) + generated),
                          ttft_s=seq.first_token_at - seq.arrival if seq.first_token_at else None)
         if seq.session is not None:
             seq.session.turn_ended(seq, prefilled=True)

@@ -39,13 +39,13 @@ def batch_bucket(n: int, max_batch_size: int) -> int:
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, slots: int, capacity: int, prefill_chunk_size: int,
-                 cuda_graph: bool = True, compile: bool = False):
+                 cuda_graph: bool = True, compile: bool = False, kv_int8: bool = False):
         cfg = model.config
         self.model, self.config = model, cfg
-        self.device, self.dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
+        self.device, self.dtype = model.model.norm.weight.device, model.model.norm.weight.dtype
         self.slots, self.capacity, self.prefill_chunk_size = slots, capacity, prefill_chunk_size
         self.cache = KVCache(cfg.num_layers, slots, cfg.num_kv_heads, capacity, cfg.head_dim, self.dtype,
-                             self.device, track_positions=cfg.sliding_window is not None)
+                             self.device, track_positions=cfg.sliding_window is not None, int8=kv_int8)
         self.inputs = StepInputs(slots, self.device)
         self.buckets = batch_buckets(slots)
         self.steps = {b: DecodeStep(model, self.cache, self.inputs, b) for b in self.buckets}

@@ -244,7 +244,7 @@ class ChatSession:
                 cache = self.llm.runner.cache
                 for layer, (kept, (turn_k, turn_v)) in enumerate(zip(seq.kept, seq.turn_kv)):
                     n = kept.shape[-1]
-                    k, v = (c[layer, self.slot, :, n:n + len(fed)].cpu() for c in (cache.k, cache.v))
+                    k, v = (c.cpu() for c in cache.read_rows((layer, self.slot, slice(None), slice(n, n + len(fed)))))
                     old_k, old_v = self.archive[layer]
                     self.archive[layer] = torch.cat([old_k, turn_k, k], dim=1), torch.cat([old_v, turn_v, v], dim=1)
             start = seq.start_position + len(seq.prompt_token_ids)

@@ -34,10 +34,12 @@ class ModelConfig:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
 
-    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
-        """Bytes of K and V one token needs across all layers, at `dtype_bytes` per element (plus the int32
-        original position of each entry that a sliding-window model keeps)."""
-        per_head = 2 * self.head_dim * dtype_bytes + (4 if self.sliding_window is not None else 0)
+    def kv_bytes_per_token(self, dtype_bytes: int, int8: bool = False) -> int:
+        """Bytes of K and V one token needs across all layers, at `dtype_bytes` per element, or int8 with a
+        float32 scale for each of K and V (engine.kv_cache), plus the int32 original position of each entry that
+        a sliding-window model keeps."""
+        values = 2 * (self.head_dim + 4) if int8 else 2 * self.head_dim * dtype_bytes
+        per_head = values + (4 if self.sliding_window is not None else 0)
         return self.num_layers * self.num_kv_heads * per_head
 
     @classmethod

@@ -8,6 +8,7 @@ file and the tensor. Nothing here unpickles: safetensors and GGUF only.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from pathlib import Path
@@ -18,7 +19,10 @@ import torch
 from safetensors import safe_open
 
 from models.config import ModelConfig
+from models.gguf_blocks import DIRECT_TYPES, permute_rows, read_blocks
 from models.llama import LlamaForCausalLM, RotaryEmbedding
+from models.quantized import (CastEmbedding, CastLinear, Int4Weight, Int8Embedding, Int8Weight, quantize_int4,
+                              quantize_int8, quantized_linear)
 
 GGUF_DEQUANTIZABLE = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K",
                       "Q5_K", "Q6_K")
@@ -45,33 +49,64 @@ def load_config(path: str | Path) -> ModelConfig:
     return ModelConfig.from_json(path / "config.json")
 
 
+WEIGHTS_DTYPES = ("auto", "float32", "bfloat16", "float16", "int8", "int4")
+LINEAR = re.compile(r"model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight")
+EMBEDDING, HEAD = "model.embed_tokens.weight", "lm_head.weight"
+GGUF_BITS = {"Q2_K": 2.6, "Q3_K": 3.4, "Q4_K": 4.5, "Q4_0": 4.5, "Q4_1": 5, "Q5_0": 5.5, "Q5_1": 6, "Q5_K": 5.5,
+             "Q6_K": 6.6, "Q8_0": 8.5}
+
+
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               config: ModelConfig | None = None) -> LlamaForCausalLM:
-    """Build the network for `path` (HF directory or .gguf) and fill it with its weights."""
+               config: ModelConfig | None = None, weights_dtype: str | None = None) -> LlamaForCausalLM:
+    """Build the network for `path` (HF directory or .gguf) and fill it with its weights.
+    weights_dtype: how the projections, the embedding and lm_head are stored (models.quantized); None: in
+    `dtype`, every GGUF tensor dequantized. "auto": a GGUF keeps its own quantization (Q8_0/Q4_0/Q4_1 map
+    directly; other quantized types are quantized again at load, to int4 up to ~4.5 bits a weight, else int8),
+    anything else is stored in `dtype`. "int8": every projection, the embedding and lm_head per output channel
+    (a GGUF's Q8_0 as is). "int4": the layers' projections group-wise (a GGUF's Q4_0/Q4_1 as is); the embedding
+    and lm_head int8, since the logits are what int4 would hurt most for the least bandwidth. A float dtype
+    other than `dtype` stores those weights in it and casts activations to it around each matmul."""
     path = Path(path)
     if not path.exists():
         raise ValueError(f"{path}: no such model file or directory")
+    if weights_dtype is not None and weights_dtype not in WEIGHTS_DTYPES:
+        raise ValueError(f"unsupported weights dtype {weights_dtype!r}; use one of {', '.join(WEIGHTS_DTYPES)}")
+    if weights_dtype == "auto" and not is_gguf(path):
+        weights_dtype = None
+    if weights_dtype in ("float32", "bfloat16", "float16") and getattr(torch, weights_dtype) == dtype:
+        weights_dtype = None
     cfg = config or load_config(path)
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
     expected = {name: p.shape for name, p in model.named_parameters(remove_duplicate=False)}
     if cfg.tie_word_embeddings:
-        expected.pop("lm_head.weight")
-    tensors = gguf_tensors(path, cfg) if is_gguf(path) else safetensors_tensors(path)
+        expected.pop(HEAD)
+    direct = _direct_kinds(weights_dtype)
+    tensors = gguf_tensors(path, cfg, direct) if is_gguf(path) else safetensors_tensors(path)
     loaded: dict[str, torch.Tensor] = {}
+    stored: dict[str, object] = {}  # name -> Int8Weight / Int4Weight / float tensor in the weights dtype
     for source, name, tensor in tensors:
         if name not in expected:
             continue  # e.g. rotary inv_freq buffers or a tied lm_head that some exporters still write
-        if tuple(tensor.shape) != tuple(expected[name]):
-            raise ValueError(f"{source}: tensor {name} has shape {tuple(tensor.shape)}, "
+        shape = tensor.q.shape if isinstance(tensor, (Int8Weight, Int4Weight)) else tensor.shape
+        if tuple(shape) != tuple(expected[name]):
+            raise ValueError(f"{source}: tensor {name} has shape {tuple(shape)}, "
                              f"the config needs {tuple(expected[name])}")
-        loaded[name] = tensor.to(device=device, dtype=dtype)
-    missing = sorted(set(expected) - set(loaded))
+        target = _target(name, weights_dtype, tensor)
+        if target is None:
+            loaded[name] = _as_float(tensor).to(device=device, dtype=dtype)
+        else:
+            stored[name] = _convert(tensor, target)
+    missing = sorted(set(expected) - set(loaded) - set(stored))
     if missing:
         raise ValueError(f"{path}: missing tensor(s) {', '.join(missing[:5])}"
                          f"{' ...' if len(missing) > 5 else ''}")
     model.load_state_dict(loaded, strict=False, assign=True)
-    if cfg.tie_word_embeddings:
+    if cfg.tie_word_embeddings and EMBEDDING in stored:
+        stored[HEAD] = stored[EMBEDDING]
+    for name, weight in stored.items():
+        _install(model, name, weight, dtype, device)
+    if cfg.tie_word_embeddings and EMBEDDING not in stored:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.rotary = RotaryEmbedding(cfg).to(device)  # buffers were built on meta
     if torch.device(device).type == "cpu":
@@ -80,6 +115,67 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
         for p in model.parameters():
             p.data.sum()
     return model.eval().requires_grad_(False)
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every weight the model holds (quantized ones with their scales), each shared tensor once."""
+    seen, total = set(), 0
+    for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
+        if t.data_ptr() not in seen and not name.startswith("rotary."):
+            seen.add(t.data_ptr())
+            total += t.nbytes
+    return total
+
+
+def _direct_kinds(weights_dtype: str | None) -> tuple[str, ...]:
+    """The GGUF block types the loader takes as int8/int4 weights instead of dequantizing them."""
+    return {"auto": DIRECT_TYPES, "int8": ("Q8_0",), "int4": DIRECT_TYPES}.get(weights_dtype, ())
+
+
+def _target(name: str, weights_dtype: str | None, tensor) -> str | None:
+    """How to store this tensor: "int8", "int4", a float dtype name, or None (the model's dtype)."""
+    if weights_dtype is None or not (LINEAR.fullmatch(name) or name in (EMBEDDING, HEAD)):
+        return None
+    big = name in (EMBEDDING, HEAD)
+    if weights_dtype == "auto":  # a GGUF: keep what the file has
+        if isinstance(tensor, Int4Weight):
+            return "int8" if big else "int4"
+        if isinstance(tensor, Int8Weight):
+            return "int8"
+        kind = getattr(tensor, "gguf_kind", "F32")
+        if kind not in GGUF_BITS:
+            return None  # F32/F16/BF16: stored in the model's dtype
+        return "int4" if GGUF_BITS[kind] <= 4.5 and not big else "int8"
+    if weights_dtype == "int4":
+        return "int8" if big else "int4"
+    return weights_dtype
+
+
+def _as_float(tensor) -> torch.Tensor:
+    return tensor.dequantize() if isinstance(tensor, (Int8Weight, Int4Weight)) else tensor
+
+
+def _convert(tensor, target: str):
+    if target == "int4":
+        return tensor if isinstance(tensor, Int4Weight) else quantize_int4(_as_float(tensor))
+    if target == "int8":
+        return tensor if isinstance(tensor, Int8Weight) else quantize_int8(_as_float(tensor))
+    return _as_float(tensor).to(getattr(torch, target))
+
+
+def _install(model: torch.nn.Module, name: str, weight, dtype: torch.dtype, device) -> None:
+    """Replace the module that owns `name` (a Linear or the Embedding) by its stored form."""
+    owner, _, _ = name.rpartition(".")
+    parent_name, _, child = owner.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    if name == EMBEDDING:
+        module = (Int8Embedding(weight, dtype, device) if isinstance(weight, Int8Weight)
+                  else CastEmbedding(weight.to(device), dtype))
+    elif isinstance(weight, (Int8Weight, Int4Weight)):
+        module = quantized_linear(weight, device)
+    else:
+        module = CastLinear(weight.to(device))
+    setattr(parent, child, module)
 
 
 # --- safetensors ---------------------------------------------------------------------------------------------
@@ -145,8 +241,9 @@ def _unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def gguf_tensors(path: Path, cfg: ModelConfig) -> Iterator[tuple[str, str, torch.Tensor]]:
-    """Yield (file, HF name, float32 tensor) for each GGUF tensor, dequantized, in HF layout."""
+def gguf_tensors(path: Path, cfg: ModelConfig, direct: tuple[str, ...] = ()) -> Iterator[tuple[str, str, object]]:
+    """Yield (file, HF name, tensor) for each GGUF tensor in HF layout: float32, dequantized (tagged with its GGUF
+    type as `gguf_kind`), or, for the block types in `direct`, the int8/int4 weight the blocks are."""
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
@@ -162,17 +259,25 @@ def gguf_tensors(path: Path, cfg: ModelConfig) -> Iterator[tuple[str, str, torch
         if kind not in GGUF_DEQUANTIZABLE:
             raise ValueError(f"{path}: tensor {t.name} uses quantization {kind}, which is not supported "
                              f"(supported: {', '.join(GGUF_DEQUANTIZABLE)})")
+        shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists dims fastest-first
+        heads = (cfg.num_heads if name.endswith("self_attn.q_proj.weight") else
+                 cfg.num_kv_heads if name.endswith("self_attn.k_proj.weight") else None)
+        if kind in direct and len(shape) == 2 and (LINEAR.fullmatch(name) or name in (EMBEDDING, HEAD)):
+            weight = read_blocks(kind, t.data, shape[0])
+            if heads:
+                weight = permute_rows(weight, lambda w: _unpermute_rope_rows(w, heads))
+            yield str(path), name, weight
+            continue
         try:
             array = dequantize(t.data, t.tensor_type)
         except Exception as e:
             raise ValueError(f"{path}: cannot dequantize tensor {t.name} ({kind}): {e}") from None
-        shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists dims fastest-first
         array = np.array(array, dtype=np.float32).reshape(shape)  # a writable copy: torch refuses read-only memory
-        if name.endswith("self_attn.q_proj.weight"):
-            array = _unpermute_rope_rows(array, cfg.num_heads)
-        elif name.endswith("self_attn.k_proj.weight"):
-            array = _unpermute_rope_rows(array, cfg.num_kv_heads)
-        yield str(path), name, torch.from_numpy(np.ascontiguousarray(array))
+        if heads:
+            array = _unpermute_rope_rows(array, heads)
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        tensor.gguf_kind = kind
+        yield str(path), name, tensor
 
 
 def _hf_name(gguf_name: str) -> str | None:
