@@ -25,7 +25,8 @@ from engine.decode_step import GraphedStep, graph_capture_supported, new_graph_p
 from engine.model_runner import ModelRunner, batch_bucket
 from models.config import ModelConfig
 from models.llama import LlamaForCausalLM, RotaryEmbedding
-from models.loader import load_model
+from models.loader import WEIGHTS_DTYPES, load_model, quantize_model
+from models.loader import weight_bytes as stored_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {  # random-weight presets for shapes whose real weights are not reachable from here
@@ -63,16 +64,11 @@ def sync(device: torch.device) -> None:
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    seen, total = set(), 0
-    for p in model.parameters():
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
-            total += p.numel() * p.element_size()
-    # the embedding table is only looked up (one row per token); a tied one is read in full by the lm_head
-    embed = model.model.embed_tokens.weight
-    if not model.config.tie_word_embeddings:
-        total -= embed.numel() * embed.element_size()
-    return total
+    """Weight bytes one decode step reads (quantized ones with their scales): all but the embedding table, which
+    is only looked up (a tied table is read in full by the lm_head)."""
+    head = {t.data_ptr() for t in model.lm_head.state_dict().values()}
+    unread = sum(t.nbytes for t in model.model.embed_tokens.state_dict().values() if t.data_ptr() not in head)
+    return stored_bytes(model) - unread
 
 
 def copy_bandwidth(device: torch.device) -> float:
@@ -90,22 +86,25 @@ def copy_bandwidth(device: torch.device) -> float:
     return 2 * x.nbytes / min(times)
 
 
-def engine_step_ms(model, batch: int, entries: int, steps: int, mode: str) -> float:
+def engine_step_ms(model, batch: int, entries: int, steps: int, mode: str, kv_int8: bool = False) -> float:
     """Median ms of one engine decode step (greedy sampling and the host read of the tokens included) with
     `entries` cache entries per sequence (random K/V), through the engine's own ModelRunner. mode: "eager",
     "graph", "compile", or "compile+graph" (`--compile` on CUDA: the compiled step captured as a graph; only the
     greedy step of this bucket is compiled here, the one measured, since each compile of a large model takes a
     while)."""
     runner = ModelRunner(model, batch, entries + steps + 8, 4096, cuda_graph=mode == "graph",
-                         compile=mode == "compile")
+                         compile=mode == "compile", kv_int8=kv_int8)
     if mode == "compile+graph":
         key = (batch_bucket(batch, batch), "greedy")
         runner.static = True
         compiled = torch.compile(runner.runners[key], fullgraph=True, dynamic=False)
         runner.runners[key] = (GraphedStep(compiled, runner.capacity, new_graph_pool(), runner.device)
                                if graph_capture_supported(runner.device) else compiled)
-    runner.cache.k.normal_()
-    runner.cache.v.normal_()
+    for buffer in (runner.cache.k, runner.cache.v):
+        buffer.random_(-127, 128) if kv_int8 else buffer.normal_()
+    if kv_int8:
+        runner.cache.k_scale.fill_(0.01)
+        runner.cache.v_scale.fill_(0.01)
     live = [SimpleNamespace(slot=s, cache_entries=entries, sampling_mode="greedy") for s in range(batch)]
 
     def reset():
@@ -121,7 +120,7 @@ def engine_step_ms(model, batch: int, entries: int, steps: int, mode: str) -> fl
     reset()
     times = []
     for _ in range(steps):
-        sync(model.lm_head.weight.device)
+        sync(runner.device)
         start = time.perf_counter()
         runner.decode(live)  # ends in the one device-to-host read of the sampled tokens
         times.append(time.perf_counter() - start)
@@ -201,6 +200,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--shape", default="smollm2", choices=["smollm2", *SHAPES])
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--weights-dtype", default=None, choices=WEIGHTS_DTYPES[1:],
+                        help="store the engine's weights quantized (HF keeps --dtype)")
     parser.add_argument("--contexts", default="1024,2048,4096,8192")
     parser.add_argument("--budgets", default="512,1024,2048")
     parser.add_argument("--batches", default="1,4,8")
@@ -222,6 +223,9 @@ def main() -> None:
     weights = weight_bytes(model)
     bandwidth = copy_bandwidth(device)
     hf = None if args.no_hf else hf_model_for(args.shape, model, device, dtype)
+    if args.weights_dtype:
+        quantize_model(model, args.weights_dtype)
+        weights = weight_bytes(model)
 
     rows = []
     for context in contexts:
@@ -241,13 +245,16 @@ def main() -> None:
         throughput.append(dict(batch=batch, ms=ms, tok_s=batch * 1000 / ms,
                                bytes=weights + batch * batch_entries * entry_bytes))
 
-    name = f"decode_steps_{device.type}" + ("" if args.mode is None else f"_{mode}")
+    name = f"decode_steps_{device.type}" + ("" if args.mode is None else f"_{mode}") + \
+        (f"_{args.weights_dtype}" if args.weights_dtype else "")
     out_dir = ROOT / "benchmarks" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
-    title = f"{args.shape}, {str(dtype).removeprefix('torch.')}, {device.type}, step mode {mode}"
+    title = f"{args.shape}, {str(dtype).removeprefix('torch.')}, {device.type}, step mode {mode}" + \
+        (f", {args.weights_dtype} weights" if args.weights_dtype else "")
     plot(rows, out_dir / f"{name}.png", title)
     lines = [f"# Decode step latency: {title}", "",
              f"Command: `python -m benchmarks.decode --device {args.device} --shape {args.shape} "
+             f"{'--weights-dtype ' + args.weights_dtype + ' ' if args.weights_dtype else ''}"
              f"--contexts {args.contexts} --budgets {args.budgets} --batches {args.batches} --steps {args.steps}`",
              f"Median of {args.steps} steps; cache filled with random K/V. Weights read per step: "
              f"{weights / 2**20:.0f} MiB; KV per token: {entry_bytes} B. Measured copy bandwidth: "

@@ -1,7 +1,12 @@
-"""CPU decode benchmark: prefill and decode tokens/s of this engine vs HF transformers `generate` on SmolLM2,
-same prompt, batch 1, float32, greedy, both measured in one run. Writes benchmarks/results/decode_cpu.md.
+"""CPU decode benchmark: tokens/s of this engine for each weights dtype against HF transformers in float32 and in
+bfloat16 (and llama.cpp on the same GGUF when llama-cpp-python is installed), SmolLM2-135M-Instruct, greedy, batch
+1 and 8, all in one run, interleaved; with the bytes each decode step must read and the GB/s achieved. Writes
+benchmarks/results/decode_cpu.md.
 
-    .venv/bin/python -m benchmarks.decode_cpu [--prompt-tokens 1000] [--new-tokens 64] [--repeats 3]
+    .venv/bin/python -m benchmarks.decode_cpu [--prompt-tokens 512] [--new-tokens 64] [--repeats 3] [--batches 1,8]
+
+llama.cpp is optional (`pip install llama-cpp-python`, built from source, a few minutes); without it the results say
+so. It runs batch 1 only (its Python binding decodes one sequence).
 """
 
 from __future__ import annotations
@@ -14,67 +19,170 @@ from pathlib import Path
 
 import torch
 
+from models.loader import weight_bytes
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "weights" / "SmolLM2-135M-Instruct"
+GGUF = ROOT / "weights" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 RESULTS = ROOT / "benchmarks" / "results" / "decode_cpu.md"
+# (row name, model path, LLM keyword arguments)
+ENGINES = [
+    ("this engine float32", MODEL, {}),
+    ("this engine bfloat16 weights", MODEL, {"weights_dtype": "bfloat16"}),
+    ("this engine int8", MODEL, {"weights_dtype": "int8"}),
+    ("this engine int4", MODEL, {"weights_dtype": "int4"}),
+    ("this engine GGUF as shipped (Q4_1 -> int4, Q8_0 -> int8)", GGUF, {"weights_dtype": "auto"}),
+    ("this engine int4 + int8 KV", MODEL, {"weights_dtype": "int4", "kv_dtype": "int8"}),
+]
 
 
-def hf_timings(model, ids: list[int], new_tokens: int) -> tuple[float, float]:
-    """(prefill_s, decode_s): prefill = generate 1 token; decode = the rest of a full generate."""
-    x = torch.tensor([ids])
+def step_weight_bytes(model: torch.nn.Module) -> int:
+    """Weight bytes one decode step reads: everything but the embedding table, which is only looked up (a tied
+    table is counted once, through lm_head)."""
+    embed = {t.data_ptr() for t in model.model.embed_tokens.state_dict().values()}
+    head = {t.data_ptr() for t in model.lm_head.state_dict().values()}
+    unread = sum(t.nbytes for t in model.model.embed_tokens.state_dict().values() if t.data_ptr() not in head)
+    return weight_bytes(model) - unread if embed else weight_bytes(model)
+
+
+def ours(llm, ids: list[int], batch: int, n: int) -> tuple[float, float]:
+    """(prefill tok/s, decode tok/s summed over the batch)."""
+    from engine import SamplingParams
+
+    outs = llm.generate(prompt_token_ids=[ids] * batch, sampling_params=SamplingParams(max_tokens=n, ignore_eos=True))
+    prefill = sum(o.stats["prefill_s"] for o in outs)
+    decode = max(o.stats["decode_s"] for o in outs)
+    return batch * len(ids) / prefill, batch * (n - 1) / decode
+
+
+def hf(model, ids: list[int], batch: int, n: int) -> tuple[float, float]:
+    x = torch.tensor([ids] * batch)
     kwargs = dict(attention_mask=torch.ones_like(x), do_sample=False, eos_token_id=None, pad_token_id=0)
     with torch.inference_mode():
         start = time.perf_counter()
         model.generate(x, max_new_tokens=1, **kwargs)
         prefill = time.perf_counter() - start
         start = time.perf_counter()
-        out = model.generate(x, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+        out = model.generate(x, max_new_tokens=n, min_new_tokens=n, **kwargs)
         total = time.perf_counter() - start
-    assert out.shape[1] == len(ids) + new_tokens
-    return prefill, total - prefill
+    assert out.shape[1] == len(ids) + n
+    return batch * len(ids) / prefill, batch * (n - 1) / (total - prefill)
+
+
+def llama_cpp(model, ids: list[int], batch: int, n: int) -> tuple[float, float]:
+    import numpy as np
+
+    model.reset()
+    start = time.perf_counter()
+    model.eval(ids)
+    prefill = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(n - 1):
+        model.eval([int(np.argmax(model.scores[model.n_tokens - 1]))])
+    return len(ids) / prefill, (n - 1) / (time.perf_counter() - start)
+
+
+def gguf_bytes() -> int:
+    import gguf
+
+    return sum(int(t.n_bytes) for t in gguf.GGUFReader(GGUF).tensors)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--prompt-tokens", type=int, default=1000)
+    parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batches", default="1,8")
     args = parser.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
 
     from transformers import AutoModelForCausalLM
 
-    from engine import LLM, SamplingParams
+    from engine import LLM
 
-    llm = LLM(MODEL)  # full cache: the comparison is about the engine, not compression
-    hf = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
-    text = (ROOT / "examples" / "long_prompt.txt").read_text()
-    ids = llm.tokenizer.encode(text)[: args.prompt_tokens]
-    params = SamplingParams(max_tokens=args.new_tokens, ignore_eos=True)
     n = args.new_tokens
-    rows = {"this engine": [], "HF transformers": []}
-    for _ in range(args.repeats):  # interleaved, so machine noise hits both alike
-        s = llm.generate(prompt_token_ids=[ids], sampling_params=params)[0].stats
-        rows["this engine"].append((len(ids) / s["prefill_s"], (n - 1) / s["decode_s"]))
-        prefill, decode = hf_timings(hf, ids, n)
-        rows["HF transformers"].append((len(ids) / prefill, (n - 1) / decode))
-    med = {k: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v)) for k, v in rows.items()}
-    ratio_prefill = med["this engine"][0] / med["HF transformers"][0]
-    ratio_decode = med["this engine"][1] / med["HF transformers"][1]
+    runners, bytes_per_step = {}, {}
+    text = (ROOT / "examples" / "long_prompt.txt").read_text()
+    ids = None
+    for name, path, kwargs in ENGINES:
+        llm = LLM(path, max_batch_size=max(batches), max_kv_len=args.prompt_tokens + n + 8, **kwargs)
+        ids = ids or llm.tokenizer.encode(text)[: args.prompt_tokens]
+        runners[name] = (ours, llm)
+        bytes_per_step[name] = (step_weight_bytes(llm.model), llm.kv_bytes_per_entry)
+    for name, dtype in (("HF transformers float32", torch.float32), ("HF transformers bfloat16", torch.bfloat16)):
+        model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=dtype).eval()
+        runners[name] = (hf, model)
+        kv = model.config.num_hidden_layers * model.config.num_key_value_heads * 2 * \
+            (model.config.hidden_size // model.config.num_attention_heads) * dtype.itemsize
+        bytes_per_step[name] = (sum(p.nbytes for p in model.parameters()), kv)  # tied: the table once
+    try:
+        from llama_cpp import Llama
+
+        runners["llama.cpp (llama-cpp-python, same GGUF)"] = (llama_cpp, Llama(
+            model_path=str(GGUF), n_ctx=args.prompt_tokens + n + 16, n_threads=torch.get_num_threads(),
+            n_batch=512, verbose=False))
+        cfg = runners["this engine float32"][1].config
+        bytes_per_step["llama.cpp (llama-cpp-python, same GGUF)"] = (gguf_bytes(), cfg.kv_bytes_per_token(2))
+        llama_note = ""
+    except ImportError:
+        llama_note = "llama.cpp: not measured (llama-cpp-python is not installed here: `pip install llama-cpp-python`)."
+
+    rows: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    for r in range(args.repeats):  # interleaved, so machine noise hits every engine alike
+        for name, (fn, model) in runners.items():
+            for batch in batches:
+                if batch > 1 and fn is llama_cpp:
+                    continue
+                rows.setdefault((name, batch), []).append(fn(model, ids, batch, n))
+        print(f"repeat {r + 1}/{args.repeats} done", flush=True)
+    med = {key: (statistics.median(v[0] for v in vals), statistics.median(v[1] for v in vals))
+           for key, vals in rows.items()}
+
+    context = len(ids) + n / 2  # the mean number of cache entries a decode step reads
     lines = [
-        "# CPU decode benchmark: SmolLM2-135M-Instruct, float32, batch 1, greedy",
+        "# CPU decode: weights dtypes vs HF transformers and llama.cpp, SmolLM2-135M-Instruct, greedy",
         "",
-        f"Prompt {len(ids)} tokens, {n} new tokens, median of {args.repeats} interleaved runs; "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}.",
-        f"Command: `.venv/bin/python -m benchmarks.decode_cpu --prompt-tokens {args.prompt_tokens} "
-        f"--new-tokens {n} --repeats {args.repeats}`",
+        f"Prompt {len(ids)} tokens, {n} new tokens, median of {args.repeats} interleaved runs; torch "
+        f"{torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}. "
+        "This engine runs the full cache here (no SnapKV) so that every row decodes the same context. "
+        "Bytes per step = the weights a step reads (the embedding table only through a tied lm_head) + the KV "
+        "cache at the mean context, per sequence.",
+        f"Command: `.venv/bin/python -m benchmarks.decode_cpu --prompt-tokens {args.prompt_tokens} --new-tokens {n} "
+        f"--repeats {args.repeats} --batches {args.batches}`",
         "",
-        "| engine | prefill tok/s | decode tok/s |",
-        "|---|---:|---:|",
-        *[f"| {k} | {p:.1f} | {d:.2f} |" for k, (p, d) in med.items()],
-        "",
-        f"Ratio this engine / HF: prefill {ratio_prefill:.2f}x, decode {ratio_decode:.2f}x.",
-        "",
+        "| engine | batch | prefill tok/s | decode tok/s | ms/step | bytes/step | achieved GB/s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
+    for (name, batch), (prefill, decode) in med.items():
+        weights, kv = bytes_per_step[name]
+        step_bytes = weights + batch * context * kv
+        ms = 1000 * batch / decode
+        lines.append(f"| {name} | {batch} | {prefill:.0f} | {decode:.1f} | {ms:.1f} | {step_bytes / 1e6:.0f} MB | "
+                     f"{step_bytes / (ms / 1000) / 1e9:.1f} |")
+    if llama_note:
+        lines += ["", llama_note]
+
+    def decode_of(name, batch=1):
+        return med[(name, batch)][1] if (name, batch) in med else None
+
+    base = decode_of("HF transformers float32")
+    goals = {"this engine int4": 2.5, "this engine int8": 1.8}
+    lines += ["", "## Ratios (decode tokens/s, measured in this run)", ""]
+    for batch in batches:
+        for name in [e[0] for e in ENGINES]:
+            ratio = decode_of(name, batch) / decode_of("HF transformers float32", batch)
+            ratio_bf = decode_of(name, batch) / decode_of("HF transformers bfloat16", batch)
+            goal = f" (goal >= {goals[name]}x: {'met' if ratio >= goals[name] else 'missed'})" \
+                if batch == 1 and name in goals else ""
+            lines.append(f"- batch {batch}, {name}: {ratio:.2f}x HF float32{goal}, {ratio_bf:.2f}x HF bfloat16")
+    llama = decode_of("llama.cpp (llama-cpp-python, same GGUF)")
+    if llama is not None and base:
+        for name in ("this engine int4", "this engine GGUF as shipped (Q4_1 -> int4, Q8_0 -> int8)"):
+            ratio = llama / decode_of(name)
+            lines.append(f"- batch 1: llama.cpp / {name} = {ratio:.2f}x (goal: within 1.5x, "
+                         f"{'met' if ratio <= 1.5 else 'missed'})")
+    lines.append("")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text("\n".join(lines))
     print("\n".join(lines))

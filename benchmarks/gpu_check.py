@@ -11,7 +11,8 @@ against SnapKV at 1024 and 2048 kept entries, the SnapKV 128K/1K ratio, the achi
 floor ((weights + kept KV) / the measured copy bandwidth), batch 8 over batch 1 tokens/s, and HF transformers at
 the same shape (StaticCache, eager and torch.compile) in the same run, and A/B rows for the decode attention
 (the default, split-KV from 16K entries, against SDPA alone) and for `--compile`; (3) a 128K-token prefill
-(budget 2048, SDPA's math kernel disabled so that a fallback fails loudly): time and measured peak against the memory model's prediction.
+(budget 2048, SDPA's math kernel disabled so that a fallback fails loudly): time and measured peak against the memory model's prediction;
+(5) weight-only int8 and int4 against bf16 weights at batch 1 and 8, and the int8 KV cache against bf16 at 16K.
 `--long` runs (3) at 512K instead.
 
 It needs the machine's preinstalled torch (and transformers for the HF rows) and nothing from the internet; run it
@@ -211,6 +212,60 @@ def run_decode(report: Report, p: dict, device: torch.device) -> dict:
     return {c: ms("engine full", c) for c in p["contexts"]}
 
 
+def run_quantized(report: Report, p: dict, device: torch.device) -> None:
+    """Section 5: weight-only int8/int4 against the dtype's weights (random weights, quantized in memory), batch 1
+    and 8 at the first budget's cache size, and the int8 KV cache against the dtype's at the longest full context
+    that section 2 measured below 128K."""
+    from benchmarks.decode import build_model, engine_step_ms, weight_bytes
+    from engine.kv_cache import format_bytes
+    from models.loader import quantize_model
+
+    mode = "graph" if device.type == "cuda" else "eager"
+    entries, steps = p["budgets"][0], p["steps"]
+    rows = []
+    for weights_dtype in (None, "int8", "int4"):
+        try:
+            model = build_model(p["shape"], device, p["dtype"])
+            if weights_dtype:
+                quantize_model(model, weights_dtype)
+            for batch in (1, 8):
+                ms = engine_step_ms(model, batch, entries, steps, mode)
+                rows.append((weights_dtype or str(p["dtype"])[6:], batch, ms, weight_bytes(model)))
+            if weights_dtype == "int8" and device.type == "cuda":  # what --compile makes of the dequantizing matmul
+                rows.append(("int8, --compile", 1, engine_step_ms(model, 1, entries, steps, "compile+graph"),
+                             weight_bytes(model)))
+        except Exception as e:
+            print(f"quantized {weights_dtype}: {type(e).__name__}: {e}", flush=True)
+            traceback.print_exc()
+        finally:
+            model = None
+            free_memory(device)
+    lines = [f"Random {p['shape']} weights, {entries} cache entries per sequence, step mode {mode}.", "",
+             "| weights | batch | ms/step | tok/s | weight bytes/step | vs dtype weights |", "|---|---:|---:|---:|---:|---:|"]
+    base = {b: ms for w, b, ms, _ in rows if w == str(p["dtype"])[6:]}
+    for w, b, ms, nbytes in rows:
+        ratio = f"{base[b] / ms:.2f}x" if b in base and ms else "n/a"
+        lines.append(f"| {w} | {b} | {ms:.2f} | {1000 * b / ms:.1f} | {format_bytes(nbytes)} | {ratio} |")
+        report.need(f"{w} weights batch {b}", ms)
+    model = build_model(p["shape"], device, p["dtype"])
+    context = max(c for c in p["contexts"] if c < 131072) if max(p["contexts"]) >= 131072 else p["contexts"][-1]
+    kv = {}
+    for int8 in (False, True):
+        try:
+            kv[int8] = engine_step_ms(model, 1, context, steps, mode, kv_int8=int8)
+        except Exception as e:
+            print(f"int8 KV {int8}: {type(e).__name__}: {e}", flush=True)
+        finally:
+            free_memory(device)
+    model = None
+    free_memory(device)
+    if len(kv) == 2:
+        lines += ["", f"Full cache of {context} entries, batch 1: KV {str(p['dtype'])[6:]} {kv[False]:.2f} ms/step, "
+                  f"KV int8 {kv[True]:.2f} ms/step ({kv[False] / kv[True]:.2f}x)."]
+    report.need("int8 KV step", kv.get(True))
+    report.section("5. Weight-only quantization and the int8 KV cache", *lines)
+
+
 def run_hf_compiled(report: Report, p: dict, device: torch.device, engine_full: dict) -> None:
     """Section 4, last because compiling an 8B model takes minutes: HF under torch.compile(mode="reduce-overhead")
     at the shortest context, against the engine's full cache from section 2."""
@@ -300,6 +355,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results; a "
                                                                   "temporary one for --dry-run)")
     parser.add_argument("--no-hf-compile", action="store_true", help="skip HF transformers under torch.compile")
+    parser.add_argument("--sections", default="1,2,3,4,5", help="which sections to run (comma-separated numbers)")
     args = parser.parse_args()
     if not args.dry_run and not torch.cuda.is_available():
         print("gpu-check needs a CUDA GPU; use --dry-run to check the script on CPU", file=sys.stderr)
@@ -318,10 +374,15 @@ def main() -> int:
     if args.long:
         run_prefill(report, p, device, p["long_len"])
     else:
-        run_cuda_tests(report, args.dry_run)
-        engine_full = run_decode(report, p, device)
-        run_prefill(report, p, device, p["prefill_len"])
-        if not (args.dry_run or args.no_hf_compile):
+        sections = set(args.sections.split(","))
+        if "1" in sections:
+            run_cuda_tests(report, args.dry_run)
+        engine_full = run_decode(report, p, device) if "2" in sections else {}
+        if "3" in sections:
+            run_prefill(report, p, device, p["prefill_len"])
+        if "5" in sections:
+            run_quantized(report, p, device)
+        if "4" in sections and not (args.dry_run or args.no_hf_compile):
             run_hf_compiled(report, p, device, engine_full)
     elapsed = time.perf_counter() - start
     report.write(["", "## Missing", "", *([f"- {m}" for m in report.missing] or

@@ -64,7 +64,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     directly; other quantized types are quantized again at load, to int4 up to ~4.5 bits a weight, else int8),
     anything else is stored in `dtype`. "int8": every projection, the embedding and lm_head per output channel
     (a GGUF's Q8_0 as is). "int4": the layers' projections group-wise (a GGUF's Q4_0/Q4_1 as is); the embedding
-    and lm_head int8, since the logits are what int4 would hurt most for the least bandwidth. A float dtype
+    and lm_head int8 on CPU (in `dtype` on CUDA), since the logits are what int4 would hurt most. A float dtype
     other than `dtype` stores those weights in it and casts activations to it around each matmul."""
     path = Path(path)
     if not path.exists():
@@ -82,6 +82,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     if cfg.tie_word_embeddings:
         expected.pop(HEAD)
     direct = _direct_kinds(weights_dtype)
+    on_cpu = torch.device(device).type == "cpu"
     tensors = gguf_tensors(path, cfg, direct) if is_gguf(path) else safetensors_tensors(path)
     loaded: dict[str, torch.Tensor] = {}
     stored: dict[str, object] = {}  # name -> Int8Weight / Int4Weight / float tensor in the weights dtype
@@ -92,7 +93,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
         if tuple(shape) != tuple(expected[name]):
             raise ValueError(f"{source}: tensor {name} has shape {tuple(shape)}, "
                              f"the config needs {tuple(expected[name])}")
-        target = _target(name, weights_dtype, tensor)
+        target = _target(name, weights_dtype, tensor, on_cpu)
         if target is None:
             loaded[name] = _as_float(tensor).to(device=device, dtype=dtype)
         else:
@@ -117,6 +118,25 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     return model.eval().requires_grad_(False)
 
 
+def quantize_model(model: LlamaForCausalLM, weights_dtype: str) -> LlamaForCausalLM:
+    """Store a loaded float model's weights as `weights_dtype` (load_model's rules; for weights that exist in
+    memory already, e.g. a benchmark's random ones), module by module, in place."""
+    if weights_dtype not in WEIGHTS_DTYPES or weights_dtype == "auto":
+        raise ValueError(f"cannot quantize to {weights_dtype!r}; use one of {', '.join(WEIGHTS_DTYPES[1:])}")
+    dtype, device = model.model.norm.weight.dtype, model.model.norm.weight.device
+    tied = model.config.tie_word_embeddings
+    stored = {}
+    for name, param in list(model.named_parameters(remove_duplicate=False)):
+        target = _target(name, weights_dtype, param, device.type == "cpu")
+        if target is not None and not (tied and name == HEAD):
+            stored[name] = _convert(param.data, target)
+    if tied and EMBEDDING in stored:
+        stored[HEAD] = stored[EMBEDDING]
+    for name, weight in stored.items():
+        _install(model, name, weight, dtype, device)
+    return model
+
+
 def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of every weight the model holds (quantized ones with their scales), each shared tensor once."""
     seen, total = set(), 0
@@ -132,11 +152,15 @@ def _direct_kinds(weights_dtype: str | None) -> tuple[str, ...]:
     return {"auto": DIRECT_TYPES, "int8": ("Q8_0",), "int4": DIRECT_TYPES}.get(weights_dtype, ())
 
 
-def _target(name: str, weights_dtype: str | None, tensor) -> str | None:
-    """How to store this tensor: "int8", "int4", a float dtype name, or None (the model's dtype)."""
+def _target(name: str, weights_dtype: str | None, tensor, on_cpu: bool = True) -> str | None:
+    """How to store this tensor: "int8", "int4", a float dtype name, or None (the model's dtype). Under int4 the
+    embedding and lm_head are int8 on CPU, where the int8 kernel is as fast as int4's, and stay in the model's
+    dtype on CUDA, where torch has no fast int8 kernel."""
     if weights_dtype is None or not (LINEAR.fullmatch(name) or name in (EMBEDDING, HEAD)):
         return None
     big = name in (EMBEDDING, HEAD)
+    if weights_dtype == "int4" and big and not on_cpu:
+        return None
     if weights_dtype == "auto":  # a GGUF: keep what the file has
         if isinstance(tensor, Int4Weight):
             return "int8" if big else "int4"

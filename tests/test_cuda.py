@@ -122,3 +122,32 @@ def test_session_graph_replay_equals_eager(tmp_path, monkeypatch, dtype):
                 assert llm.scheduler.find(rid) is None
             assert sum(t["compressed"] for t in chat.turns) >= 2
     assert answers[0] == answers[1]
+
+
+@pytest.mark.parametrize("weights_dtype,kv_dtype", [("int4", "int8"), ("int8", "auto")])
+def test_quantized_graph_replay_equals_eager(tmp_path, monkeypatch, weights_dtype, kv_dtype):
+    """int4/int8 weights (the int4pack / int8pack kernels) and the int8 KV cache: graphs equal eager at batch 1-8."""
+    path = tiny_model_dir(tmp_path, "llama", hidden_size=128, intermediate_size=256)
+    monkeypatch.setattr(attention, "flash_attn_with_kvcache", None)
+    cfg = SnapKVConfig(budget=48, window=8)
+    kwargs = dict(device=DEVICE, dtype="bfloat16", snapkv=cfg, max_batch_size=8, weights_dtype=weights_dtype,
+                  kv_dtype=kv_dtype)
+    graphed, eager = LLM(path, cuda_graph=True, **kwargs), LLM(path, cuda_graph=False, **kwargs)
+    eager.runner.static = True
+    prompts = [torch.randint(3, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+               for n in (90, 20, 130, 64, 75)]
+    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    a = [o.token_ids for o in graphed.generate(prompt_token_ids=prompts, sampling_params=params)]
+    assert a == [o.token_ids for o in eager.generate(prompt_token_ids=prompts, sampling_params=params)]
+
+
+def test_quantized_linears_on_device():
+    from models.quantized import Int4Linear, Int8GroupLinear, Int8Linear, Int8Weight, quantize_int4, quantize_int8
+    from tests.test_quantized import assert_bf16_close, kernel_reference
+
+    w, x = torch.randn(96, 256), torch.randn(5, 256)
+    for module, weight in ((Int8Linear, quantize_int8(w)), (Int4Linear, quantize_int4(w)),
+                           (Int8GroupLinear, Int8Weight(torch.randint(-127, 128, (96, 256), dtype=torch.int8),
+                                                        torch.rand(96, 8) + 0.1))):
+        out = module(weight, DEVICE)(x.to(DEVICE, torch.bfloat16))
+        assert_bf16_close(out.float().cpu(), kernel_reference(x, weight))

@@ -1,12 +1,11 @@
-"""Quantized weights and the int8 KV cache: the quantized linears equal a dequantize-then-matmul reference, GGUF
+"""Quantized weights and the int8 KV cache (gguf is imported inside the tests that need it: tests/test_cuda.py
+imports this file's references on a GPU machine that may lack it): the quantized linears equal a dequantize-then-matmul reference, GGUF
 Q8_0/Q4_0/Q4_1 blocks repack to exactly the values `gguf` dequantizes them to, int8 KV logits stay near float
 KV logits over a generation, and the bytes the stats report equal the formula."""
 
-import gguf
 import numpy as np
 import pytest
 import torch
-from gguf.quants import dequantize, quantize
 
 from engine import LLM, SamplingParams
 from engine.cache_views import DecodeView, PrefillView
@@ -74,6 +73,9 @@ def test_group_int8_runs_exactly_as_two_int4_planes():
 @pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "Q4_1"])
 def test_gguf_blocks_repack_without_loss(kind):
     """Random blocks written by gguf's own quantizer: our int8/int4 weight dequantizes to exactly gguf's values."""
+    import gguf
+    from gguf.quants import dequantize, quantize
+
     qtype = gguf.GGMLQuantizationType[kind]
     w = np.random.default_rng(1).standard_normal((48, 256)).astype(np.float32) * 0.05
     w[0, :32] += 3.0  # a block far from zero: Q4_1's m + 8 d must stay exact there too
@@ -85,6 +87,9 @@ def test_gguf_blocks_repack_without_loss(kind):
 
 
 def test_smollm2_gguf_tensors_repack_without_loss(smol_gguf):
+    import gguf
+    from gguf.quants import dequantize
+
     reader = gguf.GGUFReader(smol_gguf)
     names = {"token_embd.weight": "Q8_0", "blk.0.attn_q.weight": "Q4_1", "blk.29.ffn_down.weight": "Q4_1"}
     for t in reader.tensors:
