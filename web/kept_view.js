@@ -10,6 +10,7 @@
 
 const KeptView = (() => {
   // magma-like ramp for the heatmap: share 0 is the darkest stop, share 1 the lightest
+  const MAX_COLUMNS = 8192;  // past this many positions a heatmap column shows the mean of several (canvas limits)
   const RAMP = [[0, 0, 4], [40, 11, 84], [101, 21, 110], [159, 42, 99], [212, 72, 66], [245, 125, 21],
                 [250, 193, 39], [252, 253, 191]];
 
@@ -85,16 +86,22 @@ const KeptView = (() => {
 
   function heatmap(data, byLayer) {
     const T = data.prompt_tokens, L = data.layers, H = data.kv_heads;
+    const columns = Math.min(T, MAX_COLUMNS), span = T / columns;
     const figure = el("figure", "kept-heatmap");
     const canvas = el("canvas");
-    canvas.width = T;
+    canvas.width = columns;
     canvas.height = L;
     canvas.style.height = `${Math.max(120, Math.min(L * 8, 320))}px`;
-    const ctx = canvas.getContext("2d"), image = ctx.createImageData(T, L);
+    const ctx = canvas.getContext("2d"), image = ctx.createImageData(columns, L);
     const shades = Array.from({length: H + 1}, (_, k) => color(k / H));
-    for (let i = 0; i < L * T; i++) {
-      const [r, g, b] = shades[byLayer[i]];
-      image.data.set([r, g, b, 255], i * 4);
+    for (let layer = 0; layer < L; layer++) {
+      for (let x = 0; x < columns; x++) {
+        const first = Math.floor(x * span), last = Math.max(first + 1, Math.floor((x + 1) * span));
+        let heads = 0;
+        for (let p = first; p < last; p++) heads += byLayer[layer * T + p];
+        const [r, g, b] = last - first === 1 ? shades[heads] : color(heads / (last - first) / H);
+        image.data.set([r, g, b, 255], (layer * columns + x) * 4);
+      }
     }
     ctx.putImageData(image, 0, 0);
     const readout = el("figcaption", "kept-readout",
