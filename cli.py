@@ -271,10 +271,11 @@ def run(
             sys.stdout.write(out.text)
         sys.stdout.write("\n")
     if show_kept is not None:
-        from kept_view import write_kept_report
+        from kept_view import kept_data, write_kept_report
 
         try:
-            html, png = write_kept_report(show_kept, llm.tokenizer, out.prompt_token_ids, out.kept)
+            data = kept_data(llm.tokenizer, out.prompt_token_ids, out.kept, out.token_ids, out.stats)
+            html, png = write_kept_report(show_kept, data)
         except OSError as e:
             raise UserError(f"--show-kept {show_kept}: cannot write the page ({e.strerror})") from None
         print(f"kept-token view: {html} and {png}", file=sys.stderr)

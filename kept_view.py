@@ -1,43 +1,35 @@
-"""What SnapKV kept, for people: a self-contained HTML page of the prompt, each token shaded by the share of
-(layer, kv head) pairs that kept it, and a PNG heatmap of layers x prompt positions (matplotlib). Input is the
+"""What SnapKV kept, for people: the kept data as JSON, and the self-contained HTML page (plus a PNG heatmap)
+that `snapkv-run --show-kept` writes. The page is drawn by web/kept_view.js, the same script the server's page
+at / uses, inlined here with the JSON, so the static file and the live page draw the same thing. Input is the
 per-layer kept positions that `LLM.generate(..., return_kept=True)` returns. A front-end module beside cli.py:
 the snapkv/ package stays pure tensor code."""
 
 from __future__ import annotations
 
-import html
+import json
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
+
+import web
 
 PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>What SnapKV kept</title>
 <style>
-body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 60em; line-height: 1.6; }}
-.prompt {{ font-family: ui-monospace, monospace; white-space: pre-wrap; word-break: break-word; }}
-.prompt span {{ border-radius: 2px; }}
-.legend span {{ padding: 0 0.6em; }}
-</style></head><body>
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 70em; padding: 0 1em; }}
+{css}</style></head><body>
 <h1>What SnapKV kept</h1>
-<p>{summary}</p>
-<p class="legend">share of (layer, kv head) pairs that kept a token:
-<span style="background: rgba(255,140,0,0)">0%</span><span style="background: rgba(255,140,0,0.25)">25%</span>
-<span style="background: rgba(255,140,0,0.5)">50%</span><span style="background: rgba(255,140,0,0.75)">75%</span>
-<span style="background: rgba(255,140,0,1)">100%</span></p>
-<div class="prompt">{tokens}</div>
+<div id="kept"><noscript>This page draws the kept view with JavaScript; the data is in the kept-data element
+below.</noscript></div>
+<script type="application/json" id="kept-data">{data}</script>
+<script>
+{script}</script>
+<script>KeptView.render(document.getElementById("kept"),
+                        JSON.parse(document.getElementById("kept-data").textContent));</script>
 </body></html>
 """
-
-
-def kept_fractions(kept: Sequence[torch.Tensor], prompt_len: int) -> torch.Tensor:
-    """[layers, prompt_len]: per layer, the share of kv heads whose kept positions include each prompt position."""
-    rows = []
-    for layer in kept:
-        hits = torch.zeros(layer.shape[0], prompt_len + 1)  # the last column takes the -1 padding of short rows
-        hits.scatter_(1, layer.long().masked_fill(layer < 0, prompt_len), 1.0)
-        rows.append(hits[:, :prompt_len].mean(0))
-    return torch.stack(rows)
 
 
 def token_pieces(decode: Callable[[list[int]], str], ids: Sequence[int]) -> list[str]:
@@ -50,24 +42,56 @@ def token_pieces(decode: Callable[[list[int]], str], ids: Sequence[int]) -> list
     return pieces
 
 
-def render_html(pieces: Sequence[str], share: torch.Tensor, summary: str) -> str:
-    spans = []
-    for pos, (piece, s) in enumerate(zip(pieces, share.tolist())):
-        text = html.escape(piece).replace("\n", "\u21b5\n")
-        spans.append(f'<span style="background: rgba(255,140,0,{s:.2f})" title="position {pos}: kept by '
-                     f'{s:.0%}">{text}</span>')
-    return PAGE.format(summary=html.escape(summary), tokens="".join(spans))
+def runs(positions: Sequence[int]) -> list[list[int]]:
+    """Sorted positions as half-open [start, end) runs: [0, 1, 2, 7] -> [[0, 3], [7, 8]]."""
+    out: list[list[int]] = []
+    for p in positions:
+        if out and out[-1][1] == p:
+            out[-1][1] = p + 1
+        else:
+            out.append([p, p + 1])
+    return out
 
 
-def render_heatmap(fractions: torch.Tensor, path: Path) -> None:
+def kept_data(tokenizer, prompt_ids: Sequence[int], kept: Sequence[torch.Tensor],
+              completion_ids: Sequence[int] = (), stats: dict | None = None) -> dict:
+    """The JSON the kept view draws (and the server sends as `snapkv.kept`): the prompt's tokens, and per layer
+    and kv head the kept prompt positions as [start, end) runs; the memory the request held against the full
+    cache's, and the answer's token ids (what a comparison of two answers needs)."""
+    stats = stats or {}
+    rows = [[runs(sorted(row[row >= 0].tolist())) for row in layer] for layer in kept]
+    return {"prompt_tokens": len(prompt_ids), "layers": len(kept), "kv_heads": int(kept[0].shape[0]),
+            "token_ids": list(prompt_ids),
+            "tokens": token_pieces(lambda ids: tokenizer.decode(ids, skip_special_tokens=False), prompt_ids),
+            "runs": rows, "completion_token_ids": list(completion_ids),
+            "kv_bytes": stats.get("kv_bytes"), "full_kv_bytes": stats.get("full_kv_bytes")}
+
+
+def layer_shares(data: dict) -> np.ndarray:
+    """[layers, prompt_tokens]: per layer, the share of kv heads that kept each prompt position."""
+    shares = np.zeros((data["layers"], data["prompt_tokens"]))
+    for layer, heads in enumerate(data["runs"]):
+        for head in heads:
+            for start, end in head:
+                shares[layer, start:end] += 1
+    return shares / data["kv_heads"]
+
+
+def render_page(data: dict) -> str:
+    # "<" escaped inside the JSON, so no "</script>" in the document can end the data element early
+    embedded = json.dumps(data, ensure_ascii=False, separators=(",", ":")).replace("<", "\\u003c")
+    return PAGE.format(css=web.read("kept_view.css"), data=embedded, script=web.read("kept_view.js"))
+
+
+def render_heatmap(shares: np.ndarray, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    layers, length = fractions.shape
+    layers, length = shares.shape
     fig, ax = plt.subplots(figsize=(min(18, 4 + length / 150), 2 + layers / 6))
-    image = ax.imshow(fractions.numpy(), aspect="auto", interpolation="nearest", cmap="magma", vmin=0, vmax=1)
+    image = ax.imshow(shares, aspect="auto", interpolation="nearest", cmap="magma", vmin=0, vmax=1)
     ax.set_xlabel("prompt position")
     ax.set_ylabel("layer")
     ax.set_title("Share of kv heads that kept each prompt position")
@@ -77,21 +101,14 @@ def render_heatmap(fractions: torch.Tensor, path: Path) -> None:
     plt.close(fig)
 
 
-def write_kept_report(path: str | Path, tokenizer, prompt_ids: Sequence[int],
-                      kept: Sequence[torch.Tensor]) -> tuple[Path, Path]:
-    """Write PATH (HTML) and PATH with a .png suffix (heatmap); returns both paths."""
+def write_kept_report(path: str | Path, data: dict) -> tuple[Path, Path]:
+    """Write PATH (HTML) and PATH with a .png suffix (heatmap) from kept_data's JSON; returns both paths."""
     path = Path(path)
     if path.suffix.lower() not in (".html", ".htm"):
         path = path.with_suffix(".html")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fractions = kept_fractions(kept, len(prompt_ids))
-    share = fractions.mean(0)
-    kept_per_head = kept[0].shape[1]
-    summary = (f"{len(prompt_ids)} prompt tokens; {kept_per_head} kept per layer and kv head "
-               f"({len(prompt_ids) / kept_per_head:.2f}x compression) over {len(kept)} layers x "
-               f"{kept[0].shape[0]} kv heads. Hover a token to see its share.")
-    pieces = token_pieces(lambda ids: tokenizer.decode(ids, skip_special_tokens=False), prompt_ids)
-    path.write_text(render_html(pieces, share, summary), encoding="utf-8")
+    path.write_text(render_page(data), encoding="utf-8")
     png = path.with_suffix(".png")
-    render_heatmap(fractions, png)
+    render_heatmap(layer_shares(data), png)
     return path, png
+

@@ -18,6 +18,9 @@ that does not complete leaves no trace (the next one prefills the history again)
 --max-sessions are open, a new one beyond that gets 429, idle ones close after --session-ttl seconds (the same
 id then starts over, prefilling the history it is sent), `GET /v1/sessions/{id}` shows one and
 `DELETE /v1/sessions/{id}` closes one at once.
+
+The page: `GET /` is a chat with a document (web/), and a request with the extra `"return_kept": true` gets,
+in its final `snapkv` object, `kept`: the prompt's tokens and what each (layer, kv head) kept (kept_view).
 """
 
 from __future__ import annotations
@@ -38,15 +41,17 @@ import anyio
 import typer
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import cli
+import web
 from engine import LLM, ChatSession, RequestOutput, SamplingParams
 from engine.kv_cache import format_bytes
 from engine.llm import ENGINE_POLICY
+from kept_view import kept_data
 from snapkv.config import SnapKVConfig
 
 log = logging.getLogger("snapkv.serve")
@@ -107,6 +112,7 @@ class Body(BaseModel):
     ignore_eos: bool = False
     logprobs: Optional[Union[bool, int]] = None
     snapkv: Optional[Union[bool, dict]] = None
+    return_kept: bool = False  # the final snapkv object then carries `kept` (kept_view.kept_data)
 
     def sampling_params(self, max_tokens: int) -> SamplingParams:
         try:
@@ -308,7 +314,8 @@ class EngineLoop:
         self.thread.join(timeout=60)
 
     async def submit(self, prompt_token_ids: list[int] | None, params: SamplingParams, snapkv,
-                     session: tuple[str, list[dict], bool] | None = None) -> tuple[str, asyncio.Queue]:
+                     session: tuple[str, list[dict], bool] | None = None,
+                     return_kept: bool = False) -> tuple[str, asyncio.Queue]:
         """Queue a request (or, with session = (id, messages, fill_max_tokens), that conversation's next
         turn)."""
         if self.deadline is not None:
@@ -317,14 +324,15 @@ class EngineLoop:
         outputs: asyncio.Queue = asyncio.Queue()
         self.streams[rid] = (asyncio.get_running_loop(), outputs)  # before the add: the first step may be quick
         try:
-            prompt_tokens = await asyncio.to_thread(self._add, rid, prompt_token_ids, params, snapkv, session)
+            prompt_tokens = await asyncio.to_thread(self._add, rid, prompt_token_ids, params, snapkv, session,
+                                                    return_kept)
         except BaseException:
             self.streams.pop(rid, None)
             raise
         self.wake.set()
         return rid, outputs, prompt_tokens
 
-    def _add(self, rid, prompt_token_ids, params, snapkv, session) -> int:
+    def _add(self, rid, prompt_token_ids, params, snapkv, session, return_kept) -> int:
         """Queue it; returns the tokens its prefill feeds (a session's turn: only the new ones)."""
         with self.admission:
             if self.llm.load()["waiting"] >= self.max_waiting:
@@ -333,7 +341,7 @@ class EngineLoop:
                 prompt_token_ids = self.sessions.turn(*session, snapkv, params, rid)
             else:
                 self.llm.add_request(prompt_token_ids=prompt_token_ids, sampling_params=params, request_id=rid,
-                                     snapkv=snapkv)
+                                     snapkv=snapkv, return_kept=return_kept)
             self.metrics.record_load(self.llm.load())
             return len(prompt_token_ids)
 
@@ -464,6 +472,16 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_waitin
     if api_key is not None:
         app.add_middleware(RequireKey, key=api_key, metrics=metrics)
 
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(web.DIR / "index.html", media_type="text/html")
+
+    @app.get("/web/{name}", include_in_schema=False)
+    async def page_file(name: str):
+        if name not in web.ASSETS:
+            raise APIError(404, f"no page file {name!r}", None, "not_found")
+        return FileResponse(web.DIR / name, media_type=web.ASSETS[name])
+
     @app.get("/health")
     async def health():
         return {"status": "ok"}
@@ -519,6 +537,9 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_waitin
         if body.logprobs:
             raise APIError(400, "logprobs are not supported", "logprobs", "unsupported")
         snapkv = request_snapkv(body.snapkv, llm.snapkv)
+        if body.return_kept and session is not None:
+            raise APIError(400, "return_kept is not available with session_id (a turn prefills only its new "
+                           "tokens); leave one of them out", "return_kept", "unsupported")
         if session is None and not ids:
             raise APIError(400, "the prompt is empty", "messages" if chat else "prompt", "invalid_value")
         fill = max_tokens is None and session is not None  # the session sizes it (ChatSession.add_turn)
@@ -526,7 +547,8 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_waitin
             max_tokens = 1 if fill else max(llm.room_for(len(ids), snapkv), 1)
         params = body.sampling_params(max_tokens)
         try:
-            rid, outputs, prompt_tokens = await engine.submit(ids, params, snapkv, session and (*session, fill))
+            rid, outputs, prompt_tokens = await engine.submit(ids, params, snapkv, session and (*session, fill),
+                                                              body.return_kept)
         except QueueFull:
             raise APIError(429, f"too many requests are waiting ({max_waiting}); retry later", None,
                            "queue_full") from None
@@ -534,7 +556,7 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_waitin
             raise APIError(400, str(e), "messages" if chat else "prompt", "context_length_exceeded"
                            if "positions" in str(e) or "entries" in str(e) else "invalid_value") from None
         metrics.prompt_tokens.inc(prompt_tokens)
-        reply = Reply(chat, model_name, rid, prompt_tokens, arrival, metrics)
+        reply = Reply(chat, model_name, rid, prompt_tokens, arrival, metrics, body.return_kept)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return EventStream(relay_stream(rid, outputs, reply, include_usage), media_type="text/event-stream")
@@ -561,6 +583,7 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_waitin
                     yield sse(reply.chunk({"content": out.new_text} if reply.chat else out.new_text, None))
                 if out.finished:
                     done = True
+                    await reply.take_kept(out, llm.tokenizer)
                     metrics.requests.labels("200").inc()
                     yield sse(reply.chunk({} if reply.chat else "", out.finish_reason, final=out, usage=include_usage))
                     if include_usage:
@@ -597,6 +620,7 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_waitin
             raise
         if out.finish_reason == "error":
             raise APIError(500, out.error or "the request failed", None, "request_failed")
+        await reply.take_kept(out, llm.tokenizer)
         metrics.requests.labels("200").inc()
         return reply.whole(out)
 
@@ -606,11 +630,20 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_waitin
 class Reply:
     """Builds one request's response objects in OpenAI's shapes, and times its first token."""
 
-    def __init__(self, chat: bool, model: str, rid: str, prompt_tokens: int, arrival: float, metrics: Metrics):
-        self.chat, self.model, self.prompt_tokens = chat, model, prompt_tokens
+    def __init__(self, chat: bool, model: str, rid: str, prompt_tokens: int, arrival: float, metrics: Metrics,
+                 return_kept: bool = False):
+        self.chat, self.model, self.prompt_tokens, self.return_kept = chat, model, prompt_tokens, return_kept
         self.id = ("chatcmpl-" if chat else "cmpl-") + rid
         self.created, self.arrival, self.metrics = int(time.time()), arrival, metrics
         self.first_token = False
+        self.kept: dict | None = None
+
+    async def take_kept(self, out: RequestOutput, tokenizer) -> None:
+        """With return_kept: the kept data for the final snapkv object (off the event loop: it decodes every
+        prompt token)."""
+        if self.return_kept and out.kept is not None:  # a session's turn records kept positions for itself
+            self.kept = await asyncio.to_thread(kept_data, tokenizer, out.prompt_token_ids, out.kept, out.token_ids,
+                                                out.stats)
 
     def took(self, out: RequestOutput) -> None:
         if out.new_token_ids:
@@ -629,6 +662,8 @@ class Reply:
                 "kv_bytes": s.get("kv_bytes"), "full_kv_bytes": s.get("full_kv_bytes")}
         if "session" in s:  # a conversation's turn: what its slot holds after it
             info["session"] = s["session"]
+        if self.kept is not None:
+            info["kept"] = self.kept
         return info
 
     def _head(self, kind: str) -> dict:
@@ -666,7 +701,7 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
 
 
 @app.command(help="Serve /v1/chat/completions (with conversations by session_id), /v1/completions, /v1/models, "
-             "/v1/sessions/{id}, /health and /metrics.")
+             "/v1/sessions/{id}, /health, /metrics, and a chat page at /.")
 def serve_command(
     model: Optional[Path] = cli.MODEL,
     host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),

@@ -111,26 +111,51 @@ def test_snapkv_flags_and_show_kept(capsys, smol_dir, tmp_path):
 
     assert matplotlib.image.imread(png).shape[0] > 100
 
-    class Spans(HTMLParser):
+    class Page(HTMLParser):
+        """Checks the nesting and collects the text of each element with an id (the kept data's <script>)."""
+
         def __init__(self):
             super().__init__()
-            self.spans, self.open_tags = 0, []
+            self.open_tags, self.by_id, self.scripts = [], {}, []
 
         def handle_starttag(self, tag, attrs):
-            self.spans += tag == "span" and "title" in dict(attrs)
             if tag not in ("meta",):
-                self.open_tags.append(tag)
+                self.open_tags.append((tag, dict(attrs).get("id")))
 
         def handle_endtag(self, tag):
-            assert self.open_tags.pop() == tag  # well nested
+            assert self.open_tags.pop()[0] == tag  # well nested
 
-    parser = Spans()
+        def handle_data(self, data):
+            if self.open_tags and self.open_tags[-1][1]:
+                self.by_id[self.open_tags[-1][1]] = self.by_id.get(self.open_tags[-1][1], "") + data
+            if self.open_tags and self.open_tags[-1] == ("script", None):
+                self.scripts.append(data)
+
+    parser = Page()
     text = page.read_text()
     parser.feed(text)
     assert text.startswith("<!DOCTYPE html>") and parser.open_tags == []
+    # the page is drawn by the server page's own renderer, inlined, from the kept JSON embedded beside it
+    import web
+
+    assert web.read("kept_view.js") in parser.scripts[0] and "KeptView.render(" in parser.scripts[1]
+    raw = parser.by_id["kept-data"]
+    assert "<" not in raw  # escaped, so no token text can end the <script> early
+    data = json.loads(raw)
     prompt_tokens = int(err.split("prompt tokens")[1].split()[0])
-    assert parser.spans == prompt_tokens  # one shaded span per prompt token
-    assert "kept by 100%" in text and "kept by 0%" in text  # the window is always kept; most filler is not
+    assert data["prompt_tokens"] == len(data["tokens"]) == len(data["token_ids"]) == prompt_tokens
+    assert data["tokens"][0] == "<|im_start|>" and prompt.read_text()[:200] in "".join(data["tokens"])
+    assert (data["layers"], data["kv_heads"], len(data["completion_token_ids"])) == (30, 3, 4)
+    assert data["kv_bytes"] < data["full_kv_bytes"]
+    counts = [0] * prompt_tokens
+    for heads in data["runs"]:
+        for head in heads:
+            assert sum(end - start for start, end in head) == 200  # the budget, in sorted disjoint runs
+            assert all(a[1] < b[0] for a, b in zip(head, head[1:]))
+            for start, end in head:
+                counts[start:end] = [n + 1 for n in counts[start:end]]
+    assert counts[-16:] == [90] * 16  # the observation window: kept by every (layer, kv head)
+    assert 0 in counts and sorted(counts)[prompt_tokens // 2] < 45  # most tokens: by fewer than half of them
 
 
 def test_bad_snapkv_values_exit_2(capsys, smol_dir, prompt_file):

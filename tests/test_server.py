@@ -168,6 +168,54 @@ def test_snapkv_per_request(server, llm):
     assert full.model_extra["snapkv"]["kept_tokens"] == len(ids) > 256
 
 
+def test_return_kept_sends_what_each_layer_and_kv_head_kept(server, llm):
+    question = (ROOT / "examples" / "long_prompt.txt").read_text()[:1500] + "\n\nWho wrote the report?"
+    ids = llm.encode_prompt(question, chat=True)
+    rid = llm.add_request(prompt_token_ids=ids, sampling_params=SamplingParams(max_tokens=8), return_kept=True,
+                          snapkv=SnapKVConfig(budget=128, window=16))
+    outputs = {}
+    while llm.has_unfinished():
+        outputs.update({o.request_id: o for o in llm.step()})
+    want = outputs[rid]
+    body = {"messages": [{"role": "user", "content": question}], "max_tokens": 8, "temperature": 0,
+            "snapkv": {"budget": 128, "window": 16}, "return_kept": True}
+    status, text = http("POST", server.base + "/v1/chat/completions", body)
+    assert status == 200, text
+    info = json.loads(text)["snapkv"]
+    kept = info["kept"]
+    assert (kept["token_ids"], kept["completion_token_ids"]) == (ids, want.token_ids)
+    assert kept["prompt_tokens"] == len(ids) > 128 and (kept["layers"], kept["kv_heads"]) == (30, 3)
+    assert "".join(kept["tokens"]) == llm.tokenizer.decode(ids, skip_special_tokens=False)
+    assert (kept["kv_bytes"], kept["full_kv_bytes"]) == (info["kv_bytes"], info["full_kv_bytes"]) == \
+        (want.stats["kv_bytes"], want.stats["full_kv_bytes"])
+    for layer, heads in zip(want.kept, kept["runs"]):  # the runs expand to exactly the engine's kept positions
+        for row, runs in zip(layer, heads):
+            assert [p for start, end in runs for p in range(start, end)] == sorted(row[row >= 0].tolist())
+            assert sum(end - start for start, end in runs) == 128
+    # streamed, the final chunk carries the same object; without the flag there is none
+    status, text = http("POST", server.base + "/v1/chat/completions", body | {"stream": True})
+    events = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
+    assert [e["snapkv"]["kept"] for e in events if "snapkv" in e] == [kept]
+    assert "kept" not in chat(server.client(), "Hi.", max_tokens=2).model_extra["snapkv"]
+    turn = chat(server.client(), "Hi.", max_tokens=2, extra_body={"session_id": "no-kept"})  # records its own
+    assert "session" in turn.model_extra["snapkv"] and "kept" not in turn.model_extra["snapkv"]
+    assert http("DELETE", server.base + "/v1/sessions/no-kept")[0] == 200
+    assert_error(http("POST", server.base + "/v1/chat/completions", body | {"session_id": "kept"}), 400,
+                 "return_kept", "session_id")
+
+
+def test_the_page_and_its_files(server):
+    import web
+
+    status, page = http("GET", server.base + "/")
+    assert status == 200 and "<title>SnapKV: chat with a document</title>" in page
+    for name in ("page.js", "kept_view.js", "page.css", "kept_view.css"):
+        assert f'"/web/{name}"' in page and http("GET", f"{server.base}/web/{name}") == (200, web.read(name))
+        assert "://" not in web.read(name)  # nothing fetched from another host
+    assert "://" not in page
+    assert http("GET", server.base + "/web/__init__.py")[0] == 404  # only the page's files are served
+
+
 def test_sixteen_concurrent_streams_each_get_what_they_get_alone(server, llm):
     params = SamplingParams(max_tokens=12)
     want = [o.text for o in llm.generate(QUESTIONS, params, chat=True)]
@@ -301,7 +349,8 @@ def test_api_key(one_slot):
     with pytest.raises(openai.AuthenticationError):
         chat(one_slot.client("wrong"), "hi", max_tokens=2)
     assert_error(http("POST", one_slot.base + "/v1/completions", {"prompt": "hi"}), 401, None, "API key")
-    assert http("GET", one_slot.base + "/health")[0] == 200  # health and metrics stay open
+    assert http("GET", one_slot.base + "/health")[0] == 200  # health, metrics and the page stay open
+    assert http("GET", one_slot.base + "/")[0] == 200
     assert chat(one_slot.client("sekret"), "hi", max_tokens=2).choices[0].finish_reason in ("length", "stop")
 
 
