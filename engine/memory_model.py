@@ -3,7 +3,7 @@ an impossible request is refused with the figure and what would fit, before it s
 mid-prefill; and the whole picture for an engine (cache + the longest prefill), for benchmarks and planning.
 
 The static cache is slots x capacity x (2 x layers x kv_heads x head_dim) x dtype, compressed by SnapKV and
-allocated once. The prefill is layer-major and chunked (models.llama.DecoderLayer.prefill), so its peak is a sum
+allocated once (int8: one byte a value plus a float32 scale per entry, kv head and K or V). The prefill is layer-major and chunked (models.llama.DecoderLayer.prefill), so its peak is a sum
 of terms that each grow with at most one factor of the prompt length T:
     residual stream   T x hidden x dtype, updated in place                               (one prompt at a time)
     RoPE tables       T x head_dim x (2 x dtype + fp32 temporaries)
@@ -72,11 +72,11 @@ def predict_prefill_peak(cfg: ModelConfig, prompt_len: int, dtype_bytes: int, ch
 
 def predict_generation_peak(cfg: ModelConfig, prompt_len: int, capacity: int, batch: int, dtype_bytes: int,
                             chunk: int, window: int = 0, device_type: str = "cpu",
-                            repeat_kv: bool = False) -> MemoryEstimate:
-    """The whole picture for one engine: a static cache of `capacity` entries for `batch` slots, plus the
-    prefill of the longest prompt."""
+                            repeat_kv: bool = False, kv_int8: bool = False) -> MemoryEstimate:
+    """The whole picture for one engine: a static cache of `capacity` entries for `batch` slots (int8 with its
+    scales when kv_int8), plus the prefill of the longest prompt."""
     prefill = predict_prefill_peak(cfg, prompt_len, dtype_bytes, chunk, window, device_type, repeat_kv)
-    cache = batch * capacity * cfg.kv_bytes_per_token(dtype_bytes)
+    cache = batch * capacity * cfg.kv_bytes_per_token(dtype_bytes, kv_int8)
     return MemoryEstimate(prefill.total + int(MARGIN * cache), {"KV cache": cache, **prefill.parts})
 
 

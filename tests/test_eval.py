@@ -122,3 +122,25 @@ def test_small_end_to_end_eval(llm, count, tmp_path):
     assert "| full |" in table and "snapkv@256" in table and "streaming@256" in table
     pngs = niah_heatmaps(rows, tmp_path)
     assert len(pngs) == len(specs) and all(p.stat().st_size > 0 for p in pngs)
+
+
+def test_quantized_eval_rows(smol_dir, count):
+    """benchmarks.eval.quantized: the reference configuration scored against itself is exact (KL 0, every top-1
+    and all 32 greedy tokens the same); int8 KV and int4 weights move the distributions but stay close."""
+    from benchmarks.eval.fidelity import FORCED_TOKENS, forced_logits
+    from benchmarks.eval.quantized import score_config
+
+    case = tasks.make_case("passkey", 2, 400, 0.5, count)
+    ref_llm = LLM(smol_dir, max_batch_size=2, max_kv_len=600)
+    ids = ref_llm.encode_prompt(case.prompt, chat=True)
+    prefilled = PrefilledPrompt(ref_llm, ids)
+    tokens = prefilled.decode(None, FORCED_TOKENS + 1, ignore_eos=True).token_ids
+    reference = dict(tokens=tokens, logits=forced_logits(ref_llm.model, prefilled, None, tokens[:FORCED_TOKENS]))
+    full, snap = score_config(ref_llm, case, ids, reference)
+    assert (full["cache"], full["kl"], full["top1"], full["matched"]) == ("full", 0.0, 1.0, 32)
+    assert snap["cache"] == "snapkv 4x" and snap["kl"] > 0
+    kv8 = score_config(LLM(smol_dir, max_batch_size=2, max_kv_len=600, kv_dtype="int8"), case, ids, reference)[0]
+    int4 = score_config(LLM(smol_dir, max_batch_size=2, max_kv_len=600, weights_dtype="int4"), case, ids,
+                        reference)[0]
+    for row in (kv8, int4):
+        assert 0 < row["kl"] < 0.1 and row["top1"] >= 0.8, row

@@ -99,6 +99,9 @@ def test_prediction_terms_match_the_real_tensors(tmp_path):
     assert predicted.parts["KV cache"] == llm.runner.cache.nbytes  # K, V and the int32 positions
     assert predicted.parts["KV cache"] == KVCache(cfg.num_layers, 3, cfg.num_kv_heads, 50, cfg.head_dim,
                                                   track_positions=True).nbytes
+    int8 = predict_generation_peak(cfg, 150, 50, 3, e, 32, window=8, kv_int8=True)  # values, scales, positions
+    assert int8.parts["KV cache"] == KVCache(cfg.num_layers, 3, cfg.num_kv_heads, 50, cfg.head_dim,
+                                             track_positions=True, int8=True).nbytes
     seen = []
 
     class Spy:

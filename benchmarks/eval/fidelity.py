@@ -20,6 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from engine.kv_cache import dequantize_entries, quantize_entries
 from models.attention import causal_mask
 
 FORCED_TOKENS = 64
@@ -39,9 +40,12 @@ def kept_for(llm, prefilled, cfg) -> list[torch.Tensor] | None:
 
 
 @torch.inference_mode()
-def forced_logits(model, prefilled, kept: list[torch.Tensor] | None, tokens: list[int]) -> torch.Tensor:
+def forced_logits(model, prefilled, kept: list[torch.Tensor] | None, tokens: list[int],
+                  kv_int8: bool = False) -> torch.Tensor:
     """Logits [n, vocab] after each of `tokens`, fed right after the prompt (positions T..T+n-1), attending per
-    layer and kv head to the kept prompt entries only (None: every prompt entry) and causally to the fed tokens."""
+    layer and kv head to the kept prompt entries only (None: every prompt entry) and causally to the fed tokens.
+    kv_int8: every K/V entry attended to goes through the int8 cache's quantization first, as the engine's
+    int8 KV cache stores it (engine.kv_cache)."""
     cfg = model.config
     t, n = len(prefilled), len(tokens)
     ids = torch.tensor([tokens])
@@ -62,6 +66,9 @@ def forced_logits(model, prefilled, kept: list[torch.Tensor] | None, tokens: lis
             entry_pos = kept[layer].long()
             gather = entry_pos.clamp(min=0)[None, ..., None].expand(1, -1, -1, k_prompt.shape[-1])
             k_kept, v_kept = k_prompt.gather(2, gather), v_prompt.gather(2, gather)
+        if kv_int8:
+            k_kept, v_kept, k_new, v_new = (dequantize_entries(*quantize_entries(t), t.dtype)
+                                            for t in (k_kept, v_kept, k_new, v_new))
         seen = (entry_pos >= 0)[:, None, :].expand(-1, n, -1)  # [Hkv, n, P]
         if cfg.sliding_window is not None:
             seen = seen & (entry_pos[:, None, :] > positions[None, :, None] - cfg.sliding_window)
