@@ -153,14 +153,14 @@ def _direct_kinds(weights_dtype: str | None) -> tuple[str, ...]:
 
 
 def _target(name: str, weights_dtype: str | None, tensor, on_cpu: bool = True) -> str | None:
-    """How to store this tensor: "int8", "int4", a float dtype name, or None (the model's dtype). Under int4 the
-    embedding and lm_head are int8 on CPU, where the int8 kernel is as fast as int4's, and stay in the model's
-    dtype on CUDA, where torch has no fast int8 kernel."""
+    """How to store this tensor: "int8", "int4", a float dtype name, or None (the model's dtype). Under int4 (and
+    a GGUF's non-Q8_0 embedding/lm_head) the embedding and lm_head are int8 on CPU, where the int8 kernel is as
+    fast as int4's, and stay in the model's dtype on CUDA, where torch has no fast int8 kernel."""
     if weights_dtype is None or not (LINEAR.fullmatch(name) or name in (EMBEDDING, HEAD)):
         return None
     big = name in (EMBEDDING, HEAD)
-    if weights_dtype == "int4" and big and not on_cpu:
-        return None
+    if big and not on_cpu and weights_dtype in ("int4", "auto") and not isinstance(tensor, Int8Weight):
+        return None  # int8 would be the slow dequantizing path on CUDA (a GGUF's Q8_0 runs as int4 planes)
     if weights_dtype == "auto":  # a GGUF: keep what the file has
         if isinstance(tensor, Int4Weight):
             return "int8" if big else "int4"

@@ -141,6 +141,20 @@ def test_weights_dtype_stays_near_float32(tmp_path, weights_dtype, correlation, 
         assert sum(x == y for p, q in zip(a, b) for x, y in zip(p, q)) / 16 >= agreement, (a, b)
 
 
+def test_embedding_and_lm_head_formats():
+    """int4 leaves the embedding/lm_head int8 on CPU and in the model's dtype on CUDA (no fast int8 kernel there);
+    a GGUF's Q8_0 head keeps its blocks everywhere (it runs as int4 planes)."""
+    from models.loader import _target
+
+    w, q8 = torch.zeros(64, 64), Int8Weight(torch.zeros(64, 64, dtype=torch.int8), torch.ones(64, 2))
+    assert _target("lm_head.weight", "int4", w, on_cpu=True) == "int8"
+    assert _target("lm_head.weight", "int4", w, on_cpu=False) is None
+    assert _target("model.layers.0.mlp.up_proj.weight", "int4", w, on_cpu=False) == "int4"
+    assert _target("model.embed_tokens.weight", "auto", q8, on_cpu=False) == "int8"
+    assert _target("model.embed_tokens.weight", "auto", quantize_int4(w), on_cpu=False) is None
+    assert _target("model.norm.weight", "int4", torch.zeros(64)) is None
+
+
 def test_bad_dtypes_are_refused(tmp_path):
     path = tiny_model_dir(tmp_path, "llama")
     with pytest.raises(ValueError, match="unsupported weights dtype 'int3'"):
