@@ -181,10 +181,11 @@ class LLM:
                              f"{self.max_model_len - n} or shorten the {what}")
         if kept + m > capacity:
             source = f"{candidates} held and new entries" if seq.session else f"{candidates}-token prompt"
+            fix = (f"lower max_tokens (-n) to at most {capacity - kept}, lower the SnapKV budget" if kept < capacity
+                   else f"its kept entries alone fill the slot: lower the SnapKV budget, shorten the {what}")
             raise ValueError(f"the request needs {kept + m} cache entries ({source}, {kept} kept, "
-                             f"max_tokens {m}) but a slot holds {capacity}; lower max_tokens (-n) to at most "
-                             f"{capacity - kept}, lower the SnapKV budget, or build the engine with max_kv_len >= "
-                             f"{kept + m}")
+                             f"max_tokens {m}) but a slot holds {capacity}; {fix}, or build the engine with "
+                             f"max_kv_len >= {kept + m}")
         window = seq.policy.queries_needed
         e, chunk, kind = self.dtype.itemsize, self.prefill_chunk_size, self.device.type
         estimate = predict_prefill_peak(self.config, candidates, e, chunk, window, kind, self.prefill_repeats_kv)

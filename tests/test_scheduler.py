@@ -150,6 +150,11 @@ def test_capacity_refusal_leaves_the_others_alone(tiny_path):
     assert outs[1].error.startswith(f"the request needs 101 cache entries ({n}-token prompt, {n} kept, max_tokens "
                                     f"{101 - n}) but a slot holds 100; lower max_tokens (-n) to at most {100 - n}")
     assert len(outs[0].token_ids) == fits.max_tokens and outs[0].error is None
+    # a prompt whose kept entries alone fill the slot gets no negative max_tokens advice
+    whole = llm.generate(prompt_token_ids=[list(range(3, 113))], sampling_params=SamplingParams(max_tokens=4))[0]
+    assert whole.error == ("the request needs 114 cache entries (110-token prompt, 110 kept, max_tokens 4) but a "
+                           "slot holds 100; its kept entries alone fill the slot: lower the SnapKV budget, shorten "
+                           "the prompt, or build the engine with max_kv_len >= 114")
     assert outs[2].token_ids == llm.generate(prompt_token_ids=[prompts[2]],
                                              sampling_params=SamplingParams(max_tokens=5))[0].token_ids
 
