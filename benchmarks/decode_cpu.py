@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from models.loader import weight_bytes
+from benchmarks.decode import weight_bytes as step_weight_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "weights" / "SmolLM2-135M-Instruct"
@@ -34,15 +34,6 @@ ENGINES = [
     ("this engine GGUF as shipped (Q4_1 -> int4, Q8_0 -> int8)", GGUF, {"weights_dtype": "auto"}),
     ("this engine int4 + int8 KV", MODEL, {"weights_dtype": "int4", "kv_dtype": "int8"}),
 ]
-
-
-def step_weight_bytes(model: torch.nn.Module) -> int:
-    """Weight bytes one decode step reads: everything but the embedding table, which is only looked up (a tied
-    table is counted once, through lm_head)."""
-    embed = {t.data_ptr() for t in model.model.embed_tokens.state_dict().values()}
-    head = {t.data_ptr() for t in model.lm_head.state_dict().values()}
-    unread = sum(t.nbytes for t in model.model.embed_tokens.state_dict().values() if t.data_ptr() not in head)
-    return weight_bytes(model) - unread if embed else weight_bytes(model)
 
 
 def ours(llm, ids: list[int], batch: int, n: int) -> tuple[float, float]:
