@@ -106,6 +106,7 @@ def chat_command(
     compile_step: bool = cli.COMPILE,
     prefill_chunk: Optional[int] = cli.PREFILL_CHUNK,
     allow_longer_context: bool = cli.ALLOW_LONGER_CONTEXT,
+    tensor_parallel: int = cli.TENSOR_PARALLEL,
 ):
     from rich.console import Console
 
@@ -122,7 +123,7 @@ def chat_command(
         llm = LLM(model_path, device=device.value, dtype=dtype.value, snapkv=snapkv, max_batch_size=1,
                   max_kv_len=max_kv_len, cuda_graph=cuda_graph, compile=compile_step,
                   prefill_chunk_size=prefill_chunk, allow_longer_context=allow_longer_context,
-                  weights_dtype=weights_dtype.value, kv_dtype=kv_dtype.value)
+                  weights_dtype=weights_dtype.value, kv_dtype=kv_dtype.value, tensor_parallel_size=tensor_parallel)
     with llm.chat_session(system=system, snapkv=snapkv, reserve=reserve, full_history=full_history) as chat:
         if interactive:
             kept = f"SnapKV budget {chat.budget} + reserve {chat.reserve}" if chat.compressing else "full cache"

@@ -3,7 +3,8 @@
     snapkv-run --model weights/SmolLM2-135M-Instruct --prompt examples/long_prompt.txt --stats
 
 Progress and statistics go to stderr so stdout carries only the answer (or one JSON object with --json).
-Any mistake a user can make ends in one line on stderr and exit code 2, never a traceback.
+Any mistake a user can make ends in one line on stderr and exit code 2, never a traceback (a tensor-parallel
+rank that dies: one line and exit code 1).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Optional
 import typer
 
 from engine.llm import DEVICES, DTYPES, KV_DTYPES
+from engine.tensor_parallel import RankFailure
 from models.loader import WEIGHTS_DTYPES
 from snapkv.config import CHOICES, HELP, SnapKVConfig
 
@@ -160,6 +162,9 @@ PREFILL_CHUNK = typer.Option(None, "--prefill-chunk", help="Prefill the prompt l
                              "many tokens (bounds prefill memory).", show_default="4096 on cuda, 512 on cpu")
 MAX_KV_LEN = typer.Option(None, "--max-kv-len", help="Cache entries per slot.",
                           show_default="the SnapKV budget + 1024, or the model's length")
+TENSOR_PARALLEL = typer.Option(1, "--tensor-parallel", help="Shard the model over this many processes (GPUs), "
+                               "each holding its share of the kv heads; it must divide the model's kv heads. Under "
+                               "torchrun, the number of processes torchrun starts (see README).")
 ALLOW_LONGER_CONTEXT = typer.Option(False, "--allow-longer-context", help="Accept prompts longer than the model's "
                                     "max_position_embeddings.")
 
@@ -218,6 +223,7 @@ def run(
     compile_step: bool = COMPILE,
     prefill_chunk: Optional[int] = PREFILL_CHUNK,
     allow_longer_context: bool = ALLOW_LONGER_CONTEXT,
+    tensor_parallel: int = TENSOR_PARALLEL,
     stats: bool = typer.Option(False, "--stats", help="Print token counts, KV bytes, speeds and memory to stderr."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (text + stats) instead."),
     show_kept: Optional[Path] = typer.Option(None, "--show-kept", help="Write an HTML page (and a .png heatmap "
@@ -243,7 +249,7 @@ def run(
         llm = LLM(model_path, device=device.value, dtype=dtype.value, snapkv=None if compare else snapkv,
                   max_batch_size=2 if compare else 1, max_kv_len=max_kv_len, cuda_graph=cuda_graph,
                   compile=compile_step, prefill_chunk_size=prefill_chunk, allow_longer_context=allow_longer_context,
-                  weights_dtype=weights_dtype.value, kv_dtype=kv_dtype.value)
+                  weights_dtype=weights_dtype.value, kv_dtype=kv_dtype.value, tensor_parallel_size=tensor_parallel)
         if chat and llm.tokenizer.chat_template is None:
             chat = False
             display.note("the model has no chat template; sending the prompt as plain text")
@@ -340,6 +346,9 @@ def run_app(command: typer.Typer, argv: list[str] | None) -> int:
     except (UserError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RankFailure as e:  # a tensor-parallel rank died: not the user's mistake, still one line
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         code = 130
     if code == 130:  # typer turns Ctrl-C into a return value of 130 when not in standalone mode

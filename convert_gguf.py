@@ -27,7 +27,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     fields = read_gguf_metadata(gguf_path)
     cfg = ModelConfig.from_gguf_fields(fields, source=str(gguf_path))
     tokenizer = Tokenizer.from_gguf_fields(fields)
-    tensors = {name: t for _, name, t in gguf_tensors(gguf_path, cfg)}
+    tensors = {name: t for _, name, _, t in gguf_tensors(gguf_path, cfg)}
     if cfg.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)
     out_dir.mkdir(parents=True, exist_ok=True)

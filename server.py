@@ -484,6 +484,8 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, max_waitin
 
     @app.get("/health")
     async def health():
+        if llm.failed:  # a tensor-parallel rank died: nothing more can run
+            return JSONResponse({"status": "failed", "error": llm.failed}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/v1/models")
@@ -735,6 +737,7 @@ def serve_command(
     compile_step: bool = cli.COMPILE,
     prefill_chunk: Optional[int] = cli.PREFILL_CHUNK,
     allow_longer_context: bool = cli.ALLOW_LONGER_CONTEXT,
+    tensor_parallel: int = cli.TENSOR_PARALLEL,
 ):
     import uvicorn
 
@@ -757,13 +760,13 @@ def serve_command(
     llm = LLM(model_path, device=device.value, dtype=dtype.value, snapkv=snapkv, max_batch_size=max_batch_size,
               max_kv_len=max_kv_len, cuda_graph=cuda_graph, compile=compile_step, prefill_chunk_size=prefill_chunk,
               allow_longer_context=allow_longer_context,
-              weights_dtype=weights_dtype.value, kv_dtype=kv_dtype.value)
+              weights_dtype=weights_dtype.value, kv_dtype=kv_dtype.value, tensor_parallel_size=tensor_parallel)
     name = served_model_name or (model_path.stem if model_path.suffix == ".gguf" else model_path.name)
     cfg = llm.config
     log.info("model %s: %d layers, %d kv heads x %d, %s on %s; max %d positions", name, cfg.num_layers,
              cfg.num_kv_heads, cfg.head_dim, str(llm.dtype).removeprefix("torch."), llm.device, llm.max_model_len)
     log.info("%d slots x %d cache entries: KV cache %s (%s per slot); %s", llm.max_batch_size, llm.max_kv_len,
-             format_bytes(llm.runner.cache.nbytes), format_bytes(llm.runner.cache.nbytes / llm.max_batch_size),
+             format_bytes(llm.runner.cache_bytes), format_bytes(llm.runner.cache_bytes / llm.max_batch_size),
              describe_snapkv(snapkv))
     app = create_app(llm, name, api_key, max_waiting, max_sessions, session_ttl)
 

@@ -13,17 +13,20 @@ tokens, detokenizes incrementally and decides who is done, freeing their slots f
 
 from __future__ import annotations
 
+import functools
 import itertools
 import operator
 import secrets
 import threading
 import time
+import weakref
 from collections import deque
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
+from engine import tensor_parallel
 from engine.detokenizer import IncrementalDetokenizer
 from engine.kv_cache import available_memory_bytes, format_bytes
 from engine.memory_model import longest_prompt_that_fits, predict_prefill_peak
@@ -32,9 +35,11 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import ProgressFn, RequestOutput, Sequence, Status
 from engine.session import ChatSession
+from engine.tensor_parallel import RankFailure
 from engine.tokenizer import Tokenizer
 from models.attention import prefill_repeats_kv
 from models.loader import load_config, load_model, weight_bytes
+from models.parallel import shard_config
 from snapkv.config import SnapKVConfig
 from snapkv.policies import SelectionPolicy, make_policy
 
@@ -51,7 +56,7 @@ class LLM:
                  snapkv: SnapKVConfig | None = None, max_batch_size: int = 8, max_kv_len: int | None = None,
                  max_model_len: int | None = None, allow_longer_context: bool = False, cuda_graph: bool = True,
                  compile: bool = False, prefill_chunk_size: int | None = None, weights_dtype: str = "auto",
-                 kv_dtype: str = "auto"):
+                 kv_dtype: str = "auto", tensor_parallel_size: int = 1):
         """dtype: of the weights and the KV cache; "auto" is bfloat16 on a GPU that supports it (else float16) and
         float32 on CPU. max_batch_size: cache slots, i.e. requests decoded together. max_kv_len: entries a slot
         holds (default: the SnapKV budget + 1024 new tokens, or the model's length for the full cache; a default
@@ -65,7 +70,10 @@ class LLM:
         quantization; anything else is stored in dtype), "float32", "bfloat16", "float16", "int8" (per output
         channel) or "int4" (group-wise; embedding and lm_head int8) — models.loader.load_model says the details.
         kv_dtype: "auto" (the cache in dtype) or "int8" (a float32 scale per entry and kv head, ~2x smaller than
-        bfloat16 at head_dim 64-128)."""
+        bfloat16 at head_dim 64-128). tensor_parallel_size: shard the model over this many ranks, one process
+        (and GPU) each (engine.tensor_parallel): it must divide the model's kv heads; this process is rank 0, the
+        others are started here, or by torchrun across nodes (LLM(...) then never returns on a rank > 0). Call
+        close() (or use `with LLM(...) as llm:`) to stop them."""
         if not isinstance(device, (str, torch.device)) or str(device).split(":")[0] not in DEVICES:
             raise ValueError(f"unsupported device {device!r}; use cpu or cuda")
         self.device = torch.device(device)
@@ -75,6 +83,7 @@ class LLM:
         if self.dtype is None:
             raise ValueError(f"unsupported dtype {dtype!r}; use one of {', '.join(DTYPES)}")
         _check_positive("max_batch_size", max_batch_size)
+        _check_positive("tensor_parallel_size", tensor_parallel_size)
         prefill_chunk_size = (4096 if self.device.type == "cuda" else 512) if prefill_chunk_size is None \
             else prefill_chunk_size
         _check_positive("prefill_chunk_size", prefill_chunk_size)
@@ -89,26 +98,57 @@ class LLM:
         if kv_dtype not in KV_DTYPES:
             raise ValueError(f"unsupported kv dtype {kv_dtype!r}; use one of {', '.join(KV_DTYPES)}")
         self.kv_int8 = kv_dtype == "int8"
-        self.model = load_model(path, self.dtype, self.device, self.config, weights_dtype)
-        self.weights_dtype, self.weight_bytes = weights_dtype, weight_bytes(self.model)
-        self.snapkv = snapkv
-        self.policy = self.make_policy(snapkv)
-        self.max_batch_size = max_batch_size
-        self.allow_longer_context = allow_longer_context
-        limit = self.config.max_position_embeddings
-        self.max_model_len = (max_model_len or 1 << 31) if allow_longer_context else min(max_model_len or limit, limit)
-        self.eos_ids = set(self.tokenizer.eos_token_ids) | set(self.config.eos_token_ids)
-        self.kv_bytes_per_entry = self.config.kv_bytes_per_token(self.dtype.itemsize, self.kv_int8)
-        self.full_kv_bytes_per_entry = self.config.kv_bytes_per_token(self.dtype.itemsize)  # a full cache in dtype
-        self.prefill_repeats_kv = prefill_repeats_kv(self.device, self.dtype, self.config.sliding_window)
-        self.runner = ModelRunner(self.model, max_batch_size, self._capacity(max_kv_len), prefill_chunk_size,
-                                  cuda_graph=cuda_graph, compile=compile, kv_int8=self.kv_int8)
+        self.tensor_parallel_size, self.ranks = tensor_parallel_size, None
+        try:
+            if tensor_parallel_size > 1:
+                shard_config(self.config, tensor_parallel_size)  # refuses a size that does not divide the kv heads
+                self.ranks = tensor_parallel.start(tensor_parallel_size, self.device)
+                self._finalizer = weakref.finalize(self, self.ranks.close)
+                self.device = self.ranks.device
+                self.model = tensor_parallel.load_sharded(self.ranks, tensor_parallel.WorkerSpec(
+                    str(path), self.dtype, weights_dtype))
+            else:
+                self.model = load_model(path, self.dtype, self.device, self.config, weights_dtype)
+            self.weights_dtype, self.weight_bytes = weights_dtype, weight_bytes(self.model) * tensor_parallel_size
+            self.snapkv = snapkv
+            self.policy = self.make_policy(snapkv)
+            self.max_batch_size = max_batch_size
+            self.allow_longer_context = allow_longer_context
+            limit = self.config.max_position_embeddings
+            self.max_model_len = (max_model_len or 1 << 31) if allow_longer_context else min(max_model_len or limit, limit)
+            self.eos_ids = set(self.tokenizer.eos_token_ids) | set(self.config.eos_token_ids)
+            self.kv_bytes_per_entry = self.config.kv_bytes_per_token(self.dtype.itemsize, self.kv_int8)
+            self.full_kv_bytes_per_entry = self.config.kv_bytes_per_token(self.dtype.itemsize)  # a full cache in dtype
+            self.prefill_repeats_kv = prefill_repeats_kv(self.device, self.dtype, self.config.sliding_window)
+            runner = ModelRunner if self.ranks is None else functools.partial(tensor_parallel.ParallelRunner, self.ranks)
+            self.runner = runner(self.model, max_batch_size, self._capacity(max_kv_len), prefill_chunk_size,
+                                 cuda_graph=cuda_graph, compile=compile, kv_int8=self.kv_int8)
+        except BaseException:  # no worker outlives a failed start
+            if self.ranks is not None:
+                self.ranks.close()
+            raise
         self.max_kv_len = self.runner.capacity
         self.scheduler = Scheduler(max_batch_size, prefill_chunk_size, self._admission_check)
         self._lock = threading.RLock()  # one step at a time; generate/stream from other threads join the loop
         self._ids = itertools.count()
         self._unclaimed: list[RequestOutput] = []  # outputs of add_request requests produced by others' steps
         self.last_decode_s: float | None = None  # how long the latest decode step took (for the server's metrics)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any (also done when the LLM is garbage-collected or at exit)."""
+        if self.ranks is not None:
+            self._finalizer()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def failed(self) -> str | None:
+        """Why the engine stopped (a tensor-parallel rank failed), or None while it works."""
+        return self.ranks.failed if self.ranks is not None else None
 
     def make_policy(self, snapkv: SnapKVConfig | None) -> SelectionPolicy:
         """The selection policy for these settings on this model (its layers and sliding window)."""
@@ -117,8 +157,9 @@ class LLM:
     def _capacity(self, max_kv_len: int | None) -> int:
         if max_kv_len is not None:
             return max_kv_len  # KVCache refuses it, with the numbers, if it does not fit
-        fits = int(available_memory_bytes(self.device) * CACHE_MEMORY_SHARE) // (self.max_batch_size *
-                                                                                 self.kv_bytes_per_entry)
+        per_entry = self.kv_bytes_per_entry  # on GPUs each rank holds its share of the kv heads in its own memory
+        per_entry //= self.tensor_parallel_size if self.device.type == "cuda" else 1
+        fits = int(available_memory_bytes(self.device) * CACHE_MEMORY_SHARE) // (self.max_batch_size * per_entry)
         compressed = self.snapkv is not None and self.snapkv.policy != "full"
         wanted = self.policy.kept_length(self.max_model_len) + DEFAULT_NEW_TOKENS if compressed else self.max_model_len
         capacity = min(wanted, self.max_model_len, fits)
@@ -241,6 +282,9 @@ class LLM:
         conversation in host memory, so that each turn selects from all of it, not only from what the slot
         kept. Raises ValueError if no slot is free."""
         cfg = self.snapkv if snapkv is ENGINE_POLICY else snapkv
+        if full_history and self.ranks is not None:
+            raise ValueError("full_history sessions are not supported with tensor parallelism (each rank holds "
+                             "its own kv heads); use full_history=False or tensor_parallel_size=1")
         with self._lock:
             slot = self.scheduler.reserve_slot()
             if slot is None:
@@ -310,6 +354,8 @@ class LLM:
             moved[seq.request_id] = seq
             try:
                 seq.append(self.runner.prefill(seq))
+            except RankFailure:  # the ranks are out of step: nothing more can run
+                raise
             except Exception as e:  # one request's failure (out of memory, say) must not stop the others
                 self._fail([seq], "prefill", e)
             if seq.finish_reason:
@@ -319,6 +365,8 @@ class LLM:
             start = time.perf_counter()
             try:
                 tokens = self.runner.decode(live)
+            except RankFailure:
+                raise
             except Exception as e:  # the step is shared: its requests fail, the engine serves the next ones
                 tokens = None
                 self._fail(live, "decode step", e)

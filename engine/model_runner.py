@@ -11,6 +11,7 @@ attention to the entries the live slots hold, so a large capacity costs memory b
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -20,8 +21,51 @@ from engine.decode_step import (MODES, DecodeStep, GraphedStep, StepInputs, grap
 from engine.kv_cache import KVCache
 from engine.memory_model import PeakMeter
 from engine.sequence import Sequence
+from snapkv.policies import SelectionPolicy
 
 SPAN_MULTIPLE = 64  # eager attention spans are rounded up, so the kernels see few distinct lengths
+
+
+@dataclass
+class PrefillJob:
+    """What the device needs to prefill one request: plain data, so that tensor-parallel ranks can each be sent
+    the same job (engine.tensor_parallel)."""
+    ids: list[int]
+    slot: int
+    policy: SelectionPolicy
+    start: int  # the position of ids[0] (a conversation's later turn continues its positions)
+    mode: str  # the sampling mode and settings of the first token
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int
+    record_kept: bool
+    past_positions: list[torch.Tensor] | None  # per layer [kv_heads, P]: a conversation's held entries
+    past_kv: list[tuple[torch.Tensor, torch.Tensor]] | None  # a full-history conversation's K/V
+
+    @classmethod
+    def of(cls, seq: Sequence) -> "PrefillJob":
+        p = seq.params
+        return cls(seq.prompt_token_ids, seq.slot, seq.policy, seq.start_position, seq.sampling_mode,
+                   0.0 if p.greedy else p.temperature, p.top_k, p.top_p, seq.seed,
+                   seq.return_kept or seq.past_positions is not None, seq.past_positions, seq.past_kv)
+
+
+@dataclass
+class PrefillResult:
+    token: int  # the first generated token
+    entries: int  # entries kept, summed over layers and kv heads
+    longest: int  # the most one (layer, kv head) row holds
+    kept: list[torch.Tensor] | None  # per layer [kv_heads, n] kept positions (padded with -1), if recorded
+    turn_kv: list[tuple[torch.Tensor, torch.Tensor]] | None
+    seconds: float
+    peak_bytes: int
+
+
+def merge_heads(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Per-rank [kv_heads, n_r] position rows -> one [all kv heads, max n_r], shorter rows padded with -1."""
+    n = max(p.shape[-1] for p in parts)
+    return torch.cat([torch.nn.functional.pad(p, (0, n - p.shape[-1]), value=-1) for p in parts])
 
 
 def batch_buckets(max_batch_size: int) -> list[int]:
@@ -66,49 +110,73 @@ class ModelRunner:
                 self.runners[b, m] = GraphedStep(self.runners[b, m], self.capacity, pool, self.device)
         self.inputs.active.zero_()
 
-    @torch.inference_mode()
     def prefill(self, seq: Sequence) -> int:
         """Prefill seq's prompt into its slot (the policy selects, layer by layer, straight into the cache), set
         the slot's decode inputs and return the first generated token. A conversation's later turn continues at
         its start position, attending to the entries its slot holds, which are candidates again."""
-        ids, slot, x, first_position = seq.prompt_token_ids, seq.slot, self.inputs, seq.start_position
         progress = seq.progress
+        return self.finish_prefill(seq, [self.run_prefill(PrefillJob.of(seq), (
+            lambda done, total: progress("prefill", done, total)) if progress else None)])
+
+    @torch.inference_mode()
+    def run_prefill(self, job: PrefillJob, progress=None) -> PrefillResult:
+        """The device work of a prefill, for this runner's kv heads (under tensor parallelism, its rank's)."""
+        ids, slot, x = job.ids, job.slot, self.inputs
         start = time.perf_counter()
-        view = PrefillView(self.cache, slot, seq.policy, record_kept=seq.return_kept,
-                           progress=(lambda done, total: progress("prefill", done, total)) if progress else None,
-                           past_positions=seq.past_positions, start=first_position, past_kv=seq.past_kv)
-        positions = torch.arange(first_position, first_position + len(ids), device=self.device)[None]
+        heads = self.config.num_kv_heads
+        first_head = self.model.tp.rank * heads  # a conversation's held positions: this rank's kv heads
+        past = [p[first_head:first_head + heads] for p in job.past_positions] if job.past_positions else None
+        view = PrefillView(self.cache, slot, job.policy, record_kept=job.record_kept, progress=progress,
+                           past_positions=past, start=job.start, past_kv=job.past_kv)
+        positions = torch.arange(job.start, job.start + len(ids), device=self.device)[None]
         with PeakMeter(self.device) as meter:
             logits = self.model(torch.tensor([ids], device=self.device), positions=positions, ctx=view,
                                 last_only=True, chunk_size=self.prefill_chunk_size)[:, -1].float()
-        p = seq.params
-        x.temperature[slot], x.top_k[slot], x.top_p[slot] = p.temperature if not p.greedy else 0.0, p.top_k, p.top_p
-        x.seed[slot], x.index[slot] = seq.seed, 0
-        first = next_tokens(seq.sampling_mode, logits, x.rows(slot, slot + 1))  # as the step would, at token index 0
-        x.tokens[slot], x.positions[slot], x.index[slot], x.active[slot] = first[0], first_position + len(ids), 1, 1
-        token = int(first[0])
-        seq.cache_entries, seq.kept, seq.turn_kv = view.longest, view.kept, view.turn_kv
-        rows = self.config.num_layers * self.config.num_kv_heads
-        # kept_tokens: entries per (layer, kv head) on average (what the memory holds); kept_max: the largest row
-        seq.stats.update(kept_tokens=round(view.entries / rows), kept_max=view.longest,
-                         prefill_s=time.perf_counter() - start, measured_peak_bytes=meter.peak)
-        return token
+        x.temperature[slot], x.top_k[slot], x.top_p[slot] = job.temperature, job.top_k, job.top_p
+        x.seed[slot], x.index[slot] = job.seed, 0
+        first = next_tokens(job.mode, logits, x.rows(slot, slot + 1))  # as the step would, at token index 0
+        first = self.model.tp.from_first_rank(first)  # every rank continues from rank 0's token
+        x.tokens[slot], x.positions[slot], x.index[slot], x.active[slot] = first[0], job.start + len(ids), 1, 1
+        return PrefillResult(int(first[0]), view.entries, view.longest, view.kept, view.turn_kv,
+                             time.perf_counter() - start, meter.peak)
 
-    @torch.inference_mode()
-    def decode(self, live: list[Sequence]) -> list[int]:
-        """One step for every slot up to the highest live one; returns the sampled token of each slot (the one
-        device-to-host copy of the step)."""
+    def finish_prefill(self, seq: Sequence, results: list[PrefillResult]) -> int:
+        """Record in seq what the prefill of every rank (one without tensor parallelism) did; its first token."""
+        first = results[0]
+        seq.cache_entries = max(r.longest for r in results)
+        seq.kept = first.kept and [merge_heads([r.kept[layer] for r in results]) for layer in range(len(first.kept))]
+        seq.turn_kv = first.turn_kv
+        rows = self.config.num_layers * self.config.num_kv_heads * len(results)
+        # kept_tokens: entries per (layer, kv head) on average (what the memory holds); kept_max: the largest row
+        seq.stats.update(kept_tokens=round(sum(r.entries for r in results) / rows), kept_max=seq.cache_entries,
+                         prefill_s=first.seconds, measured_peak_bytes=first.peak_bytes)
+        return first.token
+
+    def plan_decode(self, live: list[Sequence]) -> tuple[int, str, int]:
+        """The step for these sequences: its batch bucket (up to the highest live slot), sampling mode and span."""
         bucket = batch_bucket(max(s.slot for s in live) + 1, self.slots)
         mode = max((s.sampling_mode for s in live), key=MODES.index)
         if self.static:
-            span = self.capacity
-        else:
-            longest = max(s.cache_entries for s in live) + 1  # the entry this step appends included
-            span = min(self.capacity, -(-longest // SPAN_MULTIPLE) * SPAN_MULTIPLE)
-        tokens = self.runners[bucket, mode](span).tolist()
+            return bucket, mode, self.capacity
+        longest = max(s.cache_entries for s in live) + 1  # the entry this step appends included
+        return bucket, mode, min(self.capacity, -(-longest // SPAN_MULTIPLE) * SPAN_MULTIPLE)
+
+    @torch.inference_mode()
+    def run_decode(self, bucket: int, mode: str, span: int) -> torch.Tensor:
+        return self.runners[bucket, mode](span)
+
+    def decode(self, live: list[Sequence]) -> list[int]:
+        """One step for every slot up to the highest live one; returns the sampled token of each slot (the one
+        device-to-host copy of the step)."""
+        tokens = self.run_decode(*self.plan_decode(live)).tolist()
         for s in live:
             s.cache_entries += 1
         return tokens
+
+    @property
+    def cache_bytes(self) -> int:
+        """The static cache's bytes (every rank's, under tensor parallelism)."""
+        return self.cache.nbytes
 
     def release(self, slot: int) -> None:
         """The slot's request is done: the step stops advancing it (its entries are overwritten by the next)."""

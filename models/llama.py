@@ -19,6 +19,7 @@ from torch import nn
 
 from models.attention import prefill_attention
 from models.config import ModelConfig
+from models.parallel import SINGLE, TensorParallel
 
 
 class AttentionContext(Protocol):
@@ -91,15 +92,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+    """cfg: this rank's shape (models.parallel.shard_config): its query and kv heads; o_proj's partial output is
+    summed over the ranks."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, tp: TensorParallel = SINGLE):
         super().__init__()
-        self.layer = layer
+        self.layer, self.tp = layer, tp
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.sliding_window = cfg.sliding_window
         self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=False)
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
-        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)  # row-parallel
 
     def project_q(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
@@ -113,7 +117,7 @@ class Attention(nn.Module):
 
     def output(self, attention: torch.Tensor) -> torch.Tensor:
         b, _, t, _ = attention.shape
-        return self.o_proj(attention.transpose(1, 2).reshape(b, t, -1))
+        return self.tp.all_reduce(self.o_proj(attention.transpose(1, 2).reshape(b, t, -1)))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         """Decode: one new token per sequence; the cache view stores its k/v and attends over the cache."""
@@ -123,21 +127,22 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel = SINGLE):
         super().__init__()
+        self.tp = tp
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.tp.all_reduce(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: ModelConfig, layer: int, tp: TensorParallel = SINGLE):
         super().__init__()
-        self.self_attn = Attention(cfg, layer)
-        self.mlp = MLP(cfg)
+        self.self_attn = Attention(cfg, layer, tp)
+        self.mlp = MLP(cfg, tp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -179,23 +184,27 @@ class DecoderLayer(nn.Module):
 
 
 class Backbone(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel = SINGLE):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)  # replicated on every rank
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, tp) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class LlamaForCausalLM(nn.Module):
-    """Llama and Mistral (Mistral = Llama + sliding-window attention)."""
+    """Llama and Mistral (Mistral = Llama + sliding-window attention). Under tensor parallelism (models.parallel)
+    cfg is this rank's shape and `tp` its group; a vocab-parallel lm_head holds this rank's rows of the vocabulary
+    (tied: a view of the embedding's) and the logits are gathered."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel = SINGLE):
         super().__init__()
-        self.config = cfg
-        self.model = Backbone(cfg)
+        self.config, self.tp = cfg, tp
+        self.model = Backbone(cfg, tp)
         self.rotary = RotaryEmbedding(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
+        self.vocab_parallel = tp.vocab_parallel_for(cfg.vocab_size)
+        vocab = cfg.vocab_size // tp.size if self.vocab_parallel else cfg.vocab_size
+        self.lm_head = nn.Linear(cfg.hidden_size, vocab, bias=False)
+        if cfg.tie_word_embeddings and not self.vocab_parallel:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
@@ -215,7 +224,11 @@ class LlamaForCausalLM(nn.Module):
             x = layer.prefill(x, cos, sin, ctx, chunk_size or t)
         if last_only:
             x = x[:, -1:]  # a long prompt's full [T, vocab] logits would cost more memory than its KV cache
-        return self.lm_head(self.model.norm(x))
+        return self.logits(x)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(self.model.norm(x))
+        return self.tp.gather_vocab(logits) if self.vocab_parallel else logits
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         """One token per sequence: tokens, positions [B] -> logits [B, V]; K/V go to and come from `ctx`."""
@@ -223,4 +236,4 @@ class LlamaForCausalLM(nn.Module):
         cos, sin = self.rotary(positions[:, None], x.dtype)
         for layer in self.model.layers:
             x = layer(x, cos, sin, ctx)
-        return self.lm_head(self.model.norm(x))[:, 0]
+        return self.logits(x)[:, 0]

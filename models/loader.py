@@ -21,6 +21,7 @@ from safetensors import safe_open
 from models.config import ModelConfig
 from models.gguf_blocks import DIRECT_TYPES, permute_rows, read_blocks
 from models.llama import LlamaForCausalLM, RotaryEmbedding
+from models.parallel import SINGLE, TensorParallel, shard_config, take_part
 from models.quantized import (CastEmbedding, CastLinear, Int4Weight, Int8Embedding, Int8Weight, quantize_int4,
                               quantize_int8, quantized_linear)
 
@@ -57,7 +58,8 @@ GGUF_BITS = {"Q2_K": 2.6, "Q3_K": 3.4, "Q4_K": 4.5, "Q4_0": 4.5, "Q4_1": 5, "Q5_
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               config: ModelConfig | None = None, weights_dtype: str | None = None) -> LlamaForCausalLM:
+               config: ModelConfig | None = None, weights_dtype: str | None = None,
+               tp: TensorParallel = SINGLE) -> LlamaForCausalLM:
     """Build the network for `path` (HF directory or .gguf) and fill it with its weights.
     weights_dtype: how the projections, the embedding and lm_head are stored (models.quantized); None: in
     `dtype`, every GGUF tensor dequantized. "auto": a GGUF keeps its own quantization (Q8_0/Q4_0/Q4_1 map
@@ -65,7 +67,10 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     anything else is stored in `dtype`. "int8": every projection, the embedding and lm_head per output channel
     (a GGUF's Q8_0 as is). "int4": the layers' projections group-wise (a GGUF's Q4_0/Q4_1 as is); the embedding
     and lm_head int8 on CPU (in `dtype` on CUDA), since the logits are what int4 would hurt most. A float dtype
-    other than `dtype` stores those weights in it and casts activations to it around each matmul."""
+    other than `dtype` stores those weights in it and casts activations to it around each matmul.
+    tp: this rank's place in a tensor-parallel group (models.parallel): the model gets this rank's shape and each
+    split weight only this rank's rows or columns, read alone from a safetensors file (`get_slice`); a GGUF
+    tensor is read whole and cut (each rank reads the file)."""
     path = Path(path)
     if not path.exists():
         raise ValueError(f"{path}: no such model file or directory")
@@ -77,22 +82,29 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
         weights_dtype = None
     cfg = config or load_config(path)
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
-    expected = {name: p.shape for name, p in model.named_parameters(remove_duplicate=False)}
+        model = LlamaForCausalLM(shard_config(cfg, tp.size), tp)
+    expected = {}  # name -> the whole tensor's shape (this rank holds a part of the split ones)
+    for name, p in model.named_parameters(remove_duplicate=False):
+        dim = tp.split_dim(name, cfg.vocab_size)
+        expected[name] = tuple(n * tp.size if d == dim else n for d, n in enumerate(p.shape))
     if cfg.tie_word_embeddings:
         expected.pop(HEAD)
+
+    def part(name: str) -> tuple[int, int, int] | None:
+        dim = tp.split_dim(name, cfg.vocab_size) if name in expected else None
+        return None if dim is None else (dim, *tp.part(expected[name][dim]))
+
     direct = _direct_kinds(weights_dtype)
     on_cpu = torch.device(device).type == "cpu"
-    tensors = gguf_tensors(path, cfg, direct) if is_gguf(path) else safetensors_tensors(path)
+    tensors = gguf_tensors(path, cfg, direct, part) if is_gguf(path) else safetensors_tensors(path, part)
     loaded: dict[str, torch.Tensor] = {}
     stored: dict[str, object] = {}  # name -> Int8Weight / Int4Weight / float tensor in the weights dtype
-    for source, name, tensor in tensors:
+    for source, name, shape, tensor in tensors:
         if name not in expected:
             continue  # e.g. rotary inv_freq buffers or a tied lm_head that some exporters still write
-        shape = tensor.q.shape if isinstance(tensor, (Int8Weight, Int4Weight)) else tensor.shape
-        if tuple(shape) != tuple(expected[name]):
+        if tuple(shape) != expected[name]:
             raise ValueError(f"{source}: tensor {name} has shape {tuple(shape)}, "
-                             f"the config needs {tuple(expected[name])}")
+                             f"the config needs {expected[name]}")
         target = _target(name, weights_dtype, tensor, on_cpu)
         if target is None:
             loaded[name] = _as_float(tensor).to(device=device, dtype=dtype)
@@ -103,12 +115,15 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
         raise ValueError(f"{path}: missing tensor(s) {', '.join(missing[:5])}"
                          f"{' ...' if len(missing) > 5 else ''}")
     model.load_state_dict(loaded, strict=False, assign=True)
+    rows = tp.part(cfg.vocab_size) if model.vocab_parallel else (0, cfg.vocab_size)  # a tied lm_head's
     if cfg.tie_word_embeddings and EMBEDDING in stored:
-        stored[HEAD] = stored[EMBEDDING]
+        stored[HEAD] = take_part(stored[EMBEDDING], 0, *rows) if model.vocab_parallel else stored[EMBEDDING]
     for name, weight in stored.items():
         _install(model, name, weight, dtype, device)
     if cfg.tie_word_embeddings and EMBEDDING not in stored:
-        model.lm_head.weight = model.model.embed_tokens.weight
+        embedding = model.model.embed_tokens.weight
+        model.lm_head.weight = (torch.nn.Parameter(embedding[rows[0]:rows[1]], requires_grad=False)
+                                if model.vocab_parallel else embedding)
     model.rotary = RotaryEmbedding(cfg).to(device)  # buffers were built on meta
     if torch.device(device).type == "cpu":
         # float32 safetensors stay memory-mapped; touch every page now so the first request neither pays the
@@ -223,13 +238,20 @@ def safetensors_files(directory: Path) -> list[Path]:
     return files
 
 
-def safetensors_tensors(directory: Path) -> Iterator[tuple[str, str, torch.Tensor]]:
-    """Yield (file, name, tensor) for every tensor in the directory, memory-mapped, one at a time."""
+def safetensors_tensors(directory: Path, part=lambda name: None) -> Iterator[tuple[str, str, tuple, torch.Tensor]]:
+    """Yield (file, name, shape, tensor) for every tensor in the directory, memory-mapped, one at a time.
+    part(name) -> (dim, start, stop) or None: read only those rows (dim 0) or columns (dim 1) of the tensor."""
     for f in safetensors_files(directory):
         try:
             with safe_open(f, framework="pt") as handle:
                 for name in handle.keys():
-                    yield str(f), name, handle.get_tensor(name)
+                    cut, whole = part(name), handle.get_slice(name)
+                    shape = tuple(whole.get_shape())
+                    if cut is None:
+                        yield str(f), name, shape, handle.get_tensor(name)
+                    else:
+                        dim, start, stop = cut
+                        yield str(f), name, shape, whole[start:stop] if dim == 0 else whole[:, start:stop]
         except Exception as e:  # SafetensorError derives from Exception only
             raise ValueError(f"{f}: cannot read safetensors file, truncated or corrupt? ({e})") from None
 
@@ -265,9 +287,23 @@ def _unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def gguf_tensors(path: Path, cfg: ModelConfig, direct: tuple[str, ...] = ()) -> Iterator[tuple[str, str, object]]:
-    """Yield (file, HF name, tensor) for each GGUF tensor in HF layout: float32, dequantized (tagged with its GGUF
-    type as `gguf_kind`), or, for the block types in `direct`, the int8/int4 weight the blocks are."""
+def gguf_tensors(path: Path, cfg: ModelConfig, direct: tuple[str, ...] = (),
+                 part=lambda name: None) -> Iterator[tuple[str, str, tuple, object]]:
+    """Yield (file, HF name, shape, tensor) for each GGUF tensor in HF layout: float32, dequantized (tagged with
+    its GGUF type as `gguf_kind`), or, for the block types in `direct`, the int8/int4 weight the blocks are.
+    part(name) -> (dim, start, stop) or None: yield only those rows or columns (the tensor is read whole)."""
+    for source, name, tensor in _gguf_whole_tensors(path, cfg, direct):
+        shape = tuple(tensor.q.shape if isinstance(tensor, (Int8Weight, Int4Weight)) else tensor.shape)
+        cut = part(name)
+        if cut is not None:
+            kind = getattr(tensor, "gguf_kind", None)
+            tensor = take_part(tensor, *cut)
+            if kind is not None:
+                tensor.gguf_kind = kind
+        yield source, name, shape, tensor
+
+
+def _gguf_whole_tensors(path: Path, cfg: ModelConfig, direct: tuple[str, ...]) -> Iterator[tuple[str, str, object]]:
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
