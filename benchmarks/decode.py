@@ -27,6 +27,7 @@ from models.config import ModelConfig
 from models.llama import LlamaForCausalLM, RotaryEmbedding
 from models.loader import WEIGHTS_DTYPES, load_model, quantize_model
 from models.loader import weight_bytes as stored_bytes
+from models.parallel import SINGLE, TensorParallel, shard_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {  # random-weight presets for shapes whose real weights are not reachable from here
@@ -35,13 +36,20 @@ SHAPES = {  # random-weight presets for shapes whose real weights are not reacha
                            max_position_embeddings=1 << 20, tie_word_embeddings=True),
     "tiny": dict(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32, intermediate_size=256,
                  vocab_size=512, rope_theta=10000.0, max_position_embeddings=1 << 20, tie_word_embeddings=False),
+    # the shape of the tensor-parallel tests (8 query heads, 4 kv heads, SmolLM2's vocabulary)
+    "tiny-tp": dict(hidden_size=128, num_layers=2, num_heads=8, num_kv_heads=4, head_dim=16, intermediate_size=256,
+                    vocab_size=49152, max_position_embeddings=1 << 20),
+    # TinyLlama-1.1B's shape: 22 layers, 32 heads / 4 kv heads, vocab 32000
+    "llama-1b": dict(hidden_size=2048, num_layers=22, num_heads=32, num_kv_heads=4, head_dim=64,
+                     intermediate_size=5632, vocab_size=32000, max_position_embeddings=1 << 20),
     "llama3-8b": dict(hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
                       intermediate_size=14336, vocab_size=128256, rope_theta=500000.0,
                       max_position_embeddings=131072 * 4, tie_word_embeddings=False),
 }
 
 
-def build_model(shape: str, device: torch.device, dtype: torch.dtype) -> LlamaForCausalLM:
+def build_model(shape: str, device: torch.device, dtype: torch.dtype, tp: TensorParallel = SINGLE) -> LlamaForCausalLM:
+    """The real SmolLM2, or random weights of a preset shape (tp: this rank's shard of it)."""
     if shape == "smollm2":
         return load_model(ROOT / "weights" / "SmolLM2-135M-Instruct", dtype, device)
     cfg = ModelConfig(**SHAPES[shape])
@@ -49,7 +57,7 @@ def build_model(shape: str, device: torch.device, dtype: torch.dtype) -> LlamaFo
     torch.set_default_dtype(dtype)  # built in its dtype: an 8B model never exists in float32 first
     try:
         with torch.device(device):
-            model = LlamaForCausalLM(cfg)
+            model = LlamaForCausalLM(shard_config(cfg, tp.size), tp)
     finally:
         torch.set_default_dtype(default)
     for p in model.parameters():

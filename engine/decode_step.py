@@ -6,9 +6,10 @@ Inputs live in persistent per-slot buffers (`StepInputs`): the current token, it
 live, and the slot's sampling settings. A step for bucket b runs on the first b slots (views, no copies): it
 appends K/V at each slot's length, attends over the cache, samples the next token inside the step (greedy,
 temperature, or temperature with top-k/top-p: three variants, so that a greedy batch pays for no sort), writes it
-back as the next input and advances lengths and positions of live slots. Under tensor parallelism every rank
-runs the same step on its own kv heads; the only traffic is the model's all-reduces and rank 0's sampled tokens. No shape depends on the data and
-nothing reads back to the host; the host reads the `[b]` sampled tokens, once per step.
+back as the next input and advances lengths and positions of live slots. No shape depends on the data and
+nothing reads back to the host; the host reads the `[b]` sampled tokens, once per step. Under tensor parallelism
+every rank runs the same step on its own kv heads; the only traffic is the model's collectives and rank 0's
+sampled tokens, broadcast so that every rank feeds the same next token.
 """
 
 from __future__ import annotations

@@ -98,35 +98,37 @@ class LLM:
         if kv_dtype not in KV_DTYPES:
             raise ValueError(f"unsupported kv dtype {kv_dtype!r}; use one of {', '.join(KV_DTYPES)}")
         self.kv_int8 = kv_dtype == "int8"
+        self.snapkv = snapkv
+        self.policy = self.make_policy(snapkv)
+        self.max_batch_size = max_batch_size
+        self.allow_longer_context = allow_longer_context
+        limit = self.config.max_position_embeddings
+        self.max_model_len = (max_model_len or 1 << 31) if allow_longer_context else min(max_model_len or limit, limit)
+        self.eos_ids = set(self.tokenizer.eos_token_ids) | set(self.config.eos_token_ids)
+        self.kv_bytes_per_entry = self.config.kv_bytes_per_token(self.dtype.itemsize, self.kv_int8)
+        self.full_kv_bytes_per_entry = self.config.kv_bytes_per_token(self.dtype.itemsize)  # a full cache in dtype
+        self.prefill_repeats_kv = prefill_repeats_kv(self.device, self.dtype, self.config.sliding_window)
         self.tensor_parallel_size, self.ranks = tensor_parallel_size, None
         try:
+            runner = ModelRunner
             if tensor_parallel_size > 1:
                 shard_config(self.config, tensor_parallel_size)  # refuses a size that does not divide the kv heads
                 self.ranks = tensor_parallel.start(tensor_parallel_size, self.device)
                 self._finalizer = weakref.finalize(self, self.ranks.close)
                 self.device = self.ranks.device
-                self.model = tensor_parallel.load_sharded(self.ranks, tensor_parallel.WorkerSpec(
-                    str(path), self.dtype, weights_dtype))
+                spec = tensor_parallel.WorkerSpec(str(path), self.dtype, weights_dtype)
+                self.model = tensor_parallel.load_sharded(self.ranks, spec)
+                runner = functools.partial(tensor_parallel.ParallelRunner, self.ranks)
             else:
                 self.model = load_model(path, self.dtype, self.device, self.config, weights_dtype)
-            self.weights_dtype, self.weight_bytes = weights_dtype, weight_bytes(self.model) * tensor_parallel_size
-            self.snapkv = snapkv
-            self.policy = self.make_policy(snapkv)
-            self.max_batch_size = max_batch_size
-            self.allow_longer_context = allow_longer_context
-            limit = self.config.max_position_embeddings
-            self.max_model_len = (max_model_len or 1 << 31) if allow_longer_context else min(max_model_len or limit, limit)
-            self.eos_ids = set(self.tokenizer.eos_token_ids) | set(self.config.eos_token_ids)
-            self.kv_bytes_per_entry = self.config.kv_bytes_per_token(self.dtype.itemsize, self.kv_int8)
-            self.full_kv_bytes_per_entry = self.config.kv_bytes_per_token(self.dtype.itemsize)  # a full cache in dtype
-            self.prefill_repeats_kv = prefill_repeats_kv(self.device, self.dtype, self.config.sliding_window)
-            runner = ModelRunner if self.ranks is None else functools.partial(tensor_parallel.ParallelRunner, self.ranks)
             self.runner = runner(self.model, max_batch_size, self._capacity(max_kv_len), prefill_chunk_size,
                                  cuda_graph=cuda_graph, compile=compile, kv_int8=self.kv_int8)
         except BaseException:  # no worker outlives a failed start
             if self.ranks is not None:
                 self.ranks.close()
             raise
+        self.weights_dtype = weights_dtype
+        self.weight_bytes = weight_bytes(self.model) * tensor_parallel_size  # every rank's (about equal) share
         self.max_kv_len = self.runner.capacity
         self.scheduler = Scheduler(max_batch_size, prefill_chunk_size, self._admission_check)
         self._lock = threading.RLock()  # one step at a time; generate/stream from other threads join the loop

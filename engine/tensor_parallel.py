@@ -158,6 +158,7 @@ class Ranks:
         if graceful and not self.failed and dist.is_initialized():
             with contextlib.suppress(Exception):
                 self.send(STOP)
+                dist.barrier(group=self.control)  # every rank leaves the group together
         for p in self.processes:
             p.join(EXIT_WAIT_S if graceful else 0)
             if p.is_alive():
@@ -263,6 +264,7 @@ def serve(ranks: Ranks) -> None:
     while True:
         what, a, b, c = ranks.receive()
         if what == STOP:
+            dist.barrier(group=ranks.control)
             break
         if what == PREFILL:
             ranks.gather(runner.run_prefill(ranks.receive_object()))

@@ -343,3 +343,16 @@ def test_snapkv_serve_tensor_parallel_answers_as_tp1_and_reports_a_dead_worker(m
         assert health[0] == 503 and "rank 1 died (killed by SIGKILL)" in health[1], health
     finally:
         server.stop()
+
+
+def test_compiled_step_at_tp2_generates_what_eager_tp1_does(models):
+    """torch.compile(fullgraph=True) of the decode step with its collectives traced (functional collectives): the
+    CPU stand-in for capturing them in a CUDA graph, which needs shapes and no host syncs just the same."""
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    ids = prompts(2)
+    expected = LLM(models["llama"], snapkv=SNAPKV, max_batch_size=2, max_kv_len=96).generate(
+        prompt_token_ids=ids, sampling_params=params)
+    with deadline(300), LLM(models["llama"], snapkv=SNAPKV, max_batch_size=2, max_kv_len=96, compile=True,
+                            tensor_parallel_size=2) as llm:
+        outs = llm.generate(prompt_token_ids=ids, sampling_params=params)
+    assert [o.token_ids for o in outs] == [e.token_ids for e in expected]
