@@ -85,7 +85,7 @@ class ModelRunner:
     def __init__(self, model: torch.nn.Module, slots: int, capacity: int, prefill_chunk_size: int,
                  cuda_graph: bool = True, compile: bool = False, kv_int8: bool = False):
         cfg = model.config
-        self.model, self.config = model, cfg
+        self.model, self.config, self.tp = model, cfg, model.tp  # tp: this rank's place (models.parallel)
         self.device, self.dtype = model.model.norm.weight.device, model.model.norm.weight.dtype
         self.slots, self.capacity, self.prefill_chunk_size = slots, capacity, prefill_chunk_size
         self.cache = KVCache(cfg.num_layers, slots, cfg.num_kv_heads, capacity, cfg.head_dim, self.dtype,
@@ -124,7 +124,7 @@ class ModelRunner:
         ids, slot, x = job.ids, job.slot, self.inputs
         start = time.perf_counter()
         heads = self.config.num_kv_heads
-        first_head = self.model.tp.rank * heads  # a conversation's held positions: this rank's kv heads
+        first_head = self.tp.rank * heads  # a conversation's held positions: this rank's kv heads
         past = [p[first_head:first_head + heads] for p in job.past_positions] if job.past_positions else None
         view = PrefillView(self.cache, slot, job.policy, record_kept=job.record_kept, progress=progress,
                            past_positions=past, start=job.start, past_kv=job.past_kv)
@@ -135,7 +135,7 @@ class ModelRunner:
         x.temperature[slot], x.top_k[slot], x.top_p[slot] = job.temperature, job.top_k, job.top_p
         x.seed[slot], x.index[slot] = job.seed, 0
         first = next_tokens(job.mode, logits, x.rows(slot, slot + 1))  # as the step would, at token index 0
-        first = self.model.tp.from_first_rank(first)  # every rank continues from rank 0's token
+        first = self.tp.from_first_rank(first)  # every rank continues from rank 0's token
         x.tokens[slot], x.positions[slot], x.index[slot], x.active[slot] = first[0], job.start + len(ids), 1, 1
         return PrefillResult(int(first[0]), view.entries, view.longest, view.kept, view.turn_kv,
                              time.perf_counter() - start, meter.peak)

@@ -78,8 +78,8 @@ class Ranks:
         self.closed = False
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        else:  # the ranks share this machine's cores
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
+        else:  # the ranks on this machine share its cores
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", size))))
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size, timeout=TIMEOUT)
         self.control = dist.new_group(backend="gloo", timeout=TIMEOUT) if backend == "nccl" else dist.group.WORLD
