@@ -94,12 +94,13 @@ def copy_bandwidth(device: torch.device) -> float:
     return 2 * x.nbytes / min(times)
 
 
-def engine_step_ms(model, batch: int, entries: int, steps: int, mode: str, kv_int8: bool = False) -> float:
+def engine_step_ms(model, batch: int, entries: int, steps: int, mode: str, kv_int8: bool = False,
+                   times: list | None = None) -> float:
     """Median ms of one engine decode step (greedy sampling and the host read of the tokens included) with
     `entries` cache entries per sequence (random K/V), through the engine's own ModelRunner. mode: "eager",
     "graph", "compile", or "compile+graph" (`--compile` on CUDA: the compiled step captured as a graph; only the
     greedy step of this bucket is compiled here, the one measured, since each compile of a large model takes a
-    while)."""
+    while). times: if a list, each timed step's seconds are appended to it."""
     runner = ModelRunner(model, batch, entries + steps + 8, 4096, cuda_graph=mode == "graph",
                          compile=mode == "compile", kv_int8=kv_int8)
     if mode == "compile+graph":
@@ -126,13 +127,13 @@ def engine_step_ms(model, batch: int, entries: int, steps: int, mode: str, kv_in
     for _ in range(3):
         runner.decode(live)
     reset()
-    times = []
+    times = [] if times is None else times
     for _ in range(steps):
         sync(runner.device)
         start = time.perf_counter()
         runner.decode(live)  # ends in the one device-to-host read of the sampled tokens
         times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+    return 1000 * statistics.median(times[-steps:])
 
 
 def hf_step_ms(model, context: int, steps: int, static: bool = False, compiled: bool = False) -> float:

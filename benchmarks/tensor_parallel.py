@@ -35,7 +35,7 @@ class TimedTensorParallel(TensorParallel):
 
     def __init__(self, *args, device: torch.device, **kwargs):
         super().__init__(*args, **kwargs)
-        self.device, self.seconds, self.calls, self.enabled = device, 0.0, 0, False
+        self.device, self.durations, self.enabled = device, [], False
 
     def _timed(self, fn, x):
         if not self.enabled:  # e.g. while a CUDA graph is captured: no synchronize there
@@ -44,8 +44,7 @@ class TimedTensorParallel(TensorParallel):
         start = time.perf_counter()
         out = fn(x)
         sync(self.device)
-        self.seconds += time.perf_counter() - start
-        self.calls += 1
+        self.durations.append(time.perf_counter() - start)
         return out
 
     def all_reduce(self, x):
@@ -73,12 +72,13 @@ def _rank(rank, size, port, shape, device_type, dtype, batches, entries, steps, 
     for batch in batches:
         mode = "graph" if device.type == "cuda" else "eager"
         step_ms = engine_step_ms(model, batch, entries, steps, mode)
-        tp.seconds, tp.calls, tp.enabled = 0.0, 0, True
-        eager_ms = engine_step_ms(model, batch, entries, steps, "eager")  # 3 warm-up steps + `steps`
+        tp.durations, tp.enabled, times = [], True, []
+        engine_step_ms(model, batch, entries, steps, "eager", times=times)  # 3 warm-up steps, then `steps`
         tp.enabled = False
-        comm_ms = 1000 * tp.seconds / (steps + 3)
-        rows.append(dict(batch=batch, step_ms=step_ms, eager_ms=eager_ms, comm_ms=comm_ms,
-                         collectives=tp.calls // (steps + 3)))
+        per_step = len(tp.durations) // (steps + 3)  # collectives a step runs
+        timed = tp.durations[len(tp.durations) - steps * per_step:]  # those of the timed steps
+        rows.append(dict(batch=batch, step_ms=step_ms, eager_ms=1000 * statistics.mean(times),
+                         comm_ms=1000 * sum(timed) / steps, collectives=per_step))
     if rank == 0:
         results.put(rows)
     dist.barrier()
@@ -114,8 +114,8 @@ def main(argv=None) -> None:
     sizes, batches = [int(n) for n in args.sizes.split(",")], [int(n) for n in args.batches.split(",")]
     lines = [f"# Tensor-parallel decode step ({args.device}, {args.dtype}, {args.entries} cache entries per sequence, "
              f"median of {args.steps} steps)", "",
-             "| shape | batch | tp | lm_head | step ms | vs tp=1 | collectives/step | in collectives ms (eager) | "
-             "share of the eager step |", "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+             "| shape | batch | tp | lm_head | step ms (median) | vs tp=1 | collectives/step | "
+             "in collectives ms (eager mean) | share of the eager step (mean) |", "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
     for shape in args.shapes.split(","):
         base = {}
         for size in sizes:

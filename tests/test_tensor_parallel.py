@@ -356,3 +356,17 @@ def test_compiled_step_at_tp2_generates_what_eager_tp1_does(models):
                             tensor_parallel_size=2) as llm:
         outs = llm.generate(prompt_token_ids=ids, sampling_params=params)
     assert [o.token_ids for o in outs] == [e.token_ids for e in expected]
+
+
+def test_benchmark_counts_the_collectives_of_a_step(tmp_path):
+    """benchmarks/tensor_parallel.py at the test shape: 2 layers x (o_proj + down_proj all-reduces), the tokens'
+    broadcast and, vocab-parallel, the logits' all-gather."""
+    from benchmarks.tensor_parallel import main
+
+    out = tmp_path / "tp.md"
+    main(["--shapes", "tiny-tp", "--steps", "2", "--batches", "1", "--out", str(out)])
+    rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| tiny-tp")]
+    assert [(r[2].strip(), r[3].strip(), int(r[6])) for r in rows] == [
+        ("1", "whole", 0), ("2", "vocab-parallel", 6), ("2", "replicated", 5)]
+    assert all(float(r[4]) > 0 for r in rows) and float(rows[0][7]) == 0
+    assert all(float(r[7]) > 0 for r in rows[1:])  # time in collectives, measured at tp=2 only
