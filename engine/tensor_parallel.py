@@ -110,9 +110,10 @@ class Ranks:
         dist.gather_object(obj, out, dst=0, group=self.control)
         return out
 
-    def gather_errors(self, error: str | None) -> None:
-        """Rank 0: raise ValueError with the first rank's error, if any rank had one."""
-        for rank, message in enumerate(self.gather(error)):
+    @staticmethod
+    def raise_first(errors: list[str | None]) -> None:
+        """Rank 0, with every rank's error (or None) from a start phase: raise the first as ValueError."""
+        for rank, message in enumerate(errors):
             if message is not None:
                 raise ValueError(message if rank == 0 else f"tensor-parallel rank {rank}: {message}")
 
@@ -286,11 +287,9 @@ def load_sharded(ranks: Ranks, spec: WorkerSpec) -> torch.nn.Module:
         error = str(e)
     with ranks.guard("start"):
         errors = ranks.gather(error)
-    for rank, message in enumerate(errors):
-        if message is not None:
-            with ranks.guard("start"):
-                ranks.send_object(None)
-            raise ValueError(message if rank == 0 else f"tensor-parallel rank {rank}: {message}")
+        if any(errors):
+            ranks.send_object(None)  # the workers stop waiting for their runner's settings
+    ranks.raise_first(errors)
     return model
 
 
@@ -310,7 +309,8 @@ class ParallelRunner(ModelRunner):
         except ValueError as e:
             error = str(e)
         with ranks.guard("start"):
-            ranks.gather_errors(error)
+            errors = ranks.gather(error)
+        ranks.raise_first(errors)  # the workers that built theirs are stopped by LLM's clean-up
 
     @property
     def cache_bytes(self) -> int:

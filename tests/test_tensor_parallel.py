@@ -234,6 +234,14 @@ def test_chat_session_at_tp2_matches_tp1(models):
     assert answers[2] == answers[1]
 
 
+def test_a_start_that_cannot_fit_is_a_plain_refusal_and_leaves_nothing_behind(models):
+    with deadline(120):
+        with pytest.raises(ValueError, match="the KV cache needs .* lower max_kv_len"):
+            LLM(models["llama"], max_batch_size=1, max_kv_len=10**9, tensor_parallel_size=2)
+        with LLM(models["llama"], max_batch_size=1, max_kv_len=256, tensor_parallel_size=2) as llm:  # starts again
+            assert llm.generate(prompt_token_ids=prompts(1), sampling_params=SamplingParams(max_tokens=3))[0].token_ids
+
+
 def test_a_dead_worker_fails_the_call_with_a_clear_message(models):
     with deadline(120):
         llm = LLM(models["llama"], snapkv=SNAPKV, max_batch_size=1, max_kv_len=96, tensor_parallel_size=2)
