@@ -348,7 +348,11 @@ def run_app(command: typer.Typer, argv: list[str] | None) -> int:
         return 2
     except RankFailure as e:  # a tensor-parallel rank died: not the user's mistake, still one line
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        # and out at once: with a peer gone, tearing down the process group's threads at interpreter exit
+        # aborted the process now and then (1 run in 8: "terminate called without an active exception")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
     except KeyboardInterrupt:
         code = 130
     if code == 130:  # typer turns Ctrl-C into a return value of 130 when not in standalone mode

@@ -165,7 +165,7 @@ class Ranks:
             if p.is_alive():
                 p.terminate()
                 p.join(EXIT_WAIT_S)
-        self.processes = []
+        self.processes, self.errors = [], None  # the error queue's lock is released with it (no leak warning)
         if dist.is_initialized():
             with contextlib.suppress(Exception):
                 dist.destroy_process_group()
