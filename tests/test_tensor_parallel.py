@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import select
 import signal
-import socket
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -37,6 +36,7 @@ from models.quantized import quantize_int4, quantize_int8
 from snapkv.config import SnapKVConfig
 from snapkv.policies import make_policy
 from tests.conftest import ROOT, tiny_model_dir, write_gguf
+from tests.test_server import free_port
 
 SHAPE = dict(vocab_size=49152, hidden_size=128, intermediate_size=256, num_attention_heads=8,
              num_key_value_heads=4, num_hidden_layers=2, max_position_embeddings=2048)
@@ -129,12 +129,6 @@ def test_take_part_keeps_quantized_scales_with_their_columns():
 
 
 # --- the sharded network, 2 processes ----------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def snapkv_logits(model, ids: list[int], steps: int) -> torch.Tensor:
     """A SnapKV prefill of ids into a one-slot cache, then `steps` greedy decode steps: [steps + 1, V] logits."""
