@@ -62,6 +62,12 @@ class PrefillResult:
     peak_bytes: int
 
 
+def prefill_progress(seq: Sequence):
+    """seq's progress callback as the prefill view calls it (layers done, layers), or None."""
+    progress = seq.progress
+    return (lambda done, total: progress("prefill", done, total)) if progress else None
+
+
 def merge_heads(parts: list[torch.Tensor]) -> torch.Tensor:
     """Per-rank [kv_heads, n_r] position rows -> one [all kv heads, max n_r], shorter rows padded with -1."""
     n = max(p.shape[-1] for p in parts)
@@ -114,9 +120,7 @@ class ModelRunner:
         """Prefill seq's prompt into its slot (the policy selects, layer by layer, straight into the cache), set
         the slot's decode inputs and return the first generated token. A conversation's later turn continues at
         its start position, attending to the entries its slot holds, which are candidates again."""
-        progress = seq.progress
-        return self.finish_prefill(seq, [self.run_prefill(PrefillJob.of(seq), (
-            lambda done, total: progress("prefill", done, total)) if progress else None)])
+        return self.finish_prefill(seq, [self.run_prefill(PrefillJob.of(seq), prefill_progress(seq))])
 
     @torch.inference_mode()
     def run_prefill(self, job: PrefillJob, progress=None) -> PrefillResult:

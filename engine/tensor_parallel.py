@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from engine.decode_step import MODES
-from engine.model_runner import ModelRunner, PrefillJob
+from engine.model_runner import ModelRunner, PrefillJob, prefill_progress
 from engine.sequence import Sequence
 from models.loader import load_model
 from models.parallel import TensorParallel
@@ -318,11 +318,10 @@ class ParallelRunner(ModelRunner):
 
     def prefill(self, seq: Sequence) -> int:
         job = PrefillJob.of(seq)
-        progress = seq.progress
         with self.ranks.guard("prefill"):
             self.ranks.send(PREFILL)
             self.ranks.send_object(job)
-            mine = self.run_prefill(job, (lambda done, total: progress("prefill", done, total)) if progress else None)
+            mine = self.run_prefill(job, prefill_progress(seq))
             results = self.ranks.gather(mine)
         return self.finish_prefill(seq, results)
 
