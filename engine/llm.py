@@ -28,6 +28,7 @@ import torch
 
 from engine import tensor_parallel
 from engine.detokenizer import IncrementalDetokenizer
+from engine.errors import InvalidRequest, NoCapacity, PromptTooLong
 from engine.kv_cache import available_memory_bytes, format_bytes
 from engine.memory_model import longest_prompt_that_fits, predict_prefill_peak
 from engine.model_runner import ModelRunner
@@ -174,31 +175,33 @@ class LLM:
 
     def encode_prompt(self, prompt: str, chat: bool) -> list[int]:
         if not isinstance(prompt, str):
-            raise ValueError(f"a prompt must be a string (got {type(prompt).__name__}); pass token ids as "
-                             "prompt_token_ids")
-        if chat:
-            text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
-            return self.tokenizer.encode(text, add_special_tokens=False)  # the template carries its own bos
-        return self.tokenizer.encode(prompt)
+            raise InvalidRequest(f"a prompt must be a string (got {type(prompt).__name__}); pass token ids as "
+                                 "prompt_token_ids")
+        return self.encode_messages([{"role": "user", "content": prompt}]) if chat else self.tokenizer.encode(prompt)
+
+    def encode_messages(self, messages: list[dict]) -> list[int]:
+        """A conversation rendered by the model's chat template (ending in the assistant's turn), as token ids."""
+        text = self.tokenizer.apply_chat_template(messages)
+        return self.tokenizer.encode(text, add_special_tokens=False)  # the template carries its own bos
 
     def _check_prompt(self, ids) -> list[int]:
         """A list of in-vocabulary token ids that leaves room for at least one new token."""
         if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
-            raise ValueError(f"prompt token ids must be a list of integers (got {type(ids).__name__})")
+            raise InvalidRequest(f"prompt token ids must be a list of integers (got {type(ids).__name__})")
         try:
             ids = [operator.index(t) for t in ids]
         except TypeError:
-            raise ValueError("prompt token ids must be integers; pass a list of lists of ints, e.g. "
+            raise InvalidRequest("prompt token ids must be integers; pass a list of lists of ints, e.g. "
                              "prompt_token_ids=[[1, 2, 3]]") from None
         if not ids:
-            raise ValueError("the prompt is empty")
+            raise InvalidRequest("the prompt is empty")
         if len(ids) >= self.max_model_len:
             hint = "" if self.allow_longer_context else " or allow longer contexts (--allow-longer-context)"
-            raise ValueError(f"the prompt has {len(ids)} tokens but the model handles at most {self.max_model_len} "
+            raise PromptTooLong(f"the prompt has {len(ids)} tokens but the model handles at most {self.max_model_len} "
                              f"positions; shorten the prompt{hint}")
         bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
         if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary (size {self.config.vocab_size})")
+            raise InvalidRequest(f"token id {bad[0]} is outside the vocabulary (size {self.config.vocab_size})")
         return ids
 
     def room_for(self, prompt_len: int, snapkv: SnapKVConfig | None = ENGINE_POLICY) -> int:
@@ -215,18 +218,18 @@ class LLM:
         if seq.session is not None:
             what = "conversation"
         elif self.scheduler.reserved >= self.max_batch_size:
-            raise ValueError(f"all {self.max_batch_size} cache slots are held by chat sessions, so this request "
+            raise NoCapacity(f"all {self.max_batch_size} cache slots are held by chat sessions, so this request "
                              "would never run; close a session or build the engine with a larger max_batch_size")
         kept, capacity, candidates = seq.kept_length, self.runner.capacity, seq.candidates
         if n + m > self.max_model_len:
-            raise ValueError(f"the {what} has {n} tokens and max_tokens is {m}, together past the model's "
+            raise PromptTooLong(f"the {what} has {n} tokens and max_tokens is {m}, together past the model's "
                              f"{self.max_model_len} positions; lower max_tokens (-n) to at most "
                              f"{self.max_model_len - n} or shorten the {what}")
         if kept + m > capacity:
             source = f"{candidates} held and new entries" if seq.session else f"{candidates}-token prompt"
             fix = (f"lower max_tokens (-n) to at most {capacity - kept}, lower the SnapKV budget" if kept < capacity
                    else f"its kept entries alone fill the slot: lower the SnapKV budget, shorten the {what}")
-            raise ValueError(f"the request needs {kept + m} cache entries ({source}, {kept} kept, "
+            raise PromptTooLong(f"the request needs {kept + m} cache entries ({source}, {kept} kept, "
                              f"max_tokens {m}) but a slot holds {capacity}; {fix}, or build the engine with "
                              f"max_kv_len >= {kept + m}")
         window = seq.policy.queries_needed
@@ -236,7 +239,7 @@ class LLM:
         if estimate.total > free:
             fits = longest_prompt_that_fits(self.config, free, e, chunk, window, kind,
                                             repeat_kv=self.prefill_repeats_kv)
-            raise ValueError(
+            raise PromptTooLong(
                 f"a {n}-token prompt needs about {format_bytes(estimate.total)} beyond the weights and the cache "
                 f"to prefill ({estimate.describe()}) but {format_bytes(free)} is free on {self.device}; about "
                 f"{fits} tokens would fit: shorten the prompt or lower the prefill chunk size")
@@ -259,12 +262,15 @@ class LLM:
         ids = self._check_prompt(self.encode_prompt(prompt, chat) if prompt_token_ids is None else prompt_token_ids)
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
-            raise ValueError(f"sampling params must be a SamplingParams (got {type(params).__name__})")
+            raise InvalidRequest(f"sampling params must be a SamplingParams (got {type(params).__name__})")
+        if params.top_k > self.config.vocab_size:
+            raise InvalidRequest(f"top_k ({params.top_k}) is larger than the vocabulary ({self.config.vocab_size}); "
+                                 "use 0 to disable it", "top_k")
         policy = turn[1] if turn else self.policy if snapkv is ENGINE_POLICY else self.make_policy(snapkv)
         with self._lock:
             rid = str(next(self._ids)) if request_id is None else str(request_id)
             if self.scheduler.find(rid) is not None:
-                raise ValueError(f"request id {rid!r} is already in use")
+                raise InvalidRequest(f"request id {rid!r} is already in use")
             seed = params.seed if params.seed is not None else secrets.randbits(63)
             seq = Sequence(rid, ids, params, seed, policy, IncrementalDetokenizer(self.tokenizer, params.stop),
                            self.eos_ids, return_kept, progress, mailbox)
@@ -285,17 +291,17 @@ class LLM:
         kept. Raises ValueError if no slot is free."""
         cfg = self.snapkv if snapkv is ENGINE_POLICY else snapkv
         if full_history and self.ranks is not None:
-            raise ValueError("full_history sessions are not supported with tensor parallelism (each rank holds "
+            raise InvalidRequest("full_history sessions are not supported with tensor parallelism (each rank holds "
                              "its own kv heads); use full_history=False or tensor_parallel_size=1")
         with self._lock:
             slot = self.scheduler.reserve_slot()
             if slot is None:
-                raise ValueError(f"no free cache slot for a conversation: all {self.max_batch_size} are in use by "
+                raise NoCapacity(f"no free cache slot for a conversation: all {self.max_batch_size} are in use by "
                                  "running requests or other conversations; close one, or build the engine with a "
                                  "larger max_batch_size")
         try:
             return ChatSession(self, slot, system, cfg, reserve, full_history)
-        except ValueError:
+        except BaseException:  # whatever failed, the reserved slot goes back
             with self._lock:
                 self.scheduler.unreserve_slot(slot)
             raise
@@ -310,12 +316,14 @@ class LLM:
             return self.scheduler.has_unfinished() or bool(self._unclaimed)
 
     def load(self) -> dict:
-        """What the engine holds now: running and waiting requests, and the KV bytes of the running ones, kept
-        and as a full cache would hold them (for the server's metrics)."""
+        """What the engine holds now: running and waiting requests, free slots and those chat sessions hold, and
+        the KV bytes of the running requests, kept and as a full cache would hold them (for the server's
+        metrics)."""
         with self._lock:
             running = list(self.scheduler.running.values())
             per_entry, full_per_entry = self.kv_bytes_per_entry, self.full_kv_bytes_per_entry
             return {"running": len(running), "waiting": len(self.scheduler.waiting),
+                    "free_slots": len(self.scheduler.free_slots), "session_slots": self.scheduler.reserved,
                     "kv_bytes": per_entry * sum(s.stats.get("kept_tokens", 0) + len(s.token_ids) for s in running),
                     "full_kv_bytes": full_per_entry * sum(len(s.prompt_token_ids) + len(s.token_ids) for s in running)}
 

@@ -35,11 +35,13 @@ prefill that the engine does not have.
 from __future__ import annotations
 
 import dataclasses
+import secrets
 from collections import deque
 from typing import TYPE_CHECKING, Iterator
 
 import torch
 
+from engine.errors import InvalidRequest, PromptTooLong, SessionBusy, SessionClosed
 from engine.sampling_params import SamplingParams
 from engine.sequence import ProgressFn, RequestOutput, Sequence, Status
 from snapkv.config import WINDOW_POLICIES, SnapKVConfig
@@ -48,21 +50,29 @@ from snapkv.policies import FullCache, SelectionPolicy
 if TYPE_CHECKING:
     from engine.llm import LLM
 
-MARKER = "\x00snapkv-answer\x00"  # stands in for the last answer when a template is rendered to find what follows
+
+
+def answer_marker(messages: list[dict]) -> str:
+    """A stand-in for the last answer when a template is rendered to find what follows it: random, and in none of
+    the messages, so no user text can forge it."""
+    while True:
+        marker = f"\x00snapkv-answer-{secrets.token_hex(8)}\x00"
+        if not any(marker in str(m.get("content", "")) for m in messages):
+            return marker
 
 
 class ChatSession:
     def __init__(self, llm: LLM, slot: int, system: str | None, snapkv: SnapKVConfig | None,
                  reserve: int | None = None, full_history: bool = False):
         if llm.config.sliding_window is not None:
-            raise ValueError("conversations that keep their cache need a model without a sliding window (held "
+            raise InvalidRequest("conversations that keep their cache need a model without a sliding window (held "
                              "entries would need per-position masks in prefill); send each turn as a whole prompt "
                              "instead")
         if snapkv is not None and snapkv.policy == "adakv":
-            raise ValueError("policy adakv keeps a different number of entries per kv head, which a conversation's "
+            raise InvalidRequest("policy adakv keeps a different number of entries per kv head, which a conversation's "
                              "next turn cannot attend to; use snapkv or pyramidkv for a chat session")
         if llm.tokenizer.chat_template is None:
-            raise ValueError("this model's tokenizer has no chat template; a chat session needs one")
+            raise InvalidRequest("this model's tokenizer has no chat template; a chat session needs one")
         self.llm, self.slot, self.system, self.snapkv, self.full_history = llm, slot, system, snapkv, full_history
         self.policy = llm.make_policy(snapkv)
         self.compressing = not isinstance(self.policy, FullCache)
@@ -71,7 +81,7 @@ class ChatSession:
         if reserve is None:
             reserve = max(room // 2, 0)
         if not isinstance(reserve, int) or isinstance(reserve, bool) or reserve < 0:
-            raise ValueError(f"reserve must be a non-negative integer (got {reserve!r})")
+            raise InvalidRequest(f"reserve must be a non-negative integer (got {reserve!r})")
         self.budget, self.reserve = budget, reserve
         self.closed = False
         self.keep_aborted_turns = True  # an aborted turn's partial answer stays (False: the turn leaves no trace)
@@ -162,11 +172,16 @@ class ChatSession:
         """Whether a turn is queued or running."""
         return self._busy is not None
 
+    @property
+    def busy_request(self) -> Sequence | None:
+        """The turn queued or running, or None."""
+        return self._busy
+
     def _check_usable(self) -> None:
         if self.closed:
-            raise ValueError("this chat session is closed; start a new one with llm.chat_session()")
+            raise SessionClosed("this chat session is closed; start a new one with llm.chat_session()")
         if self._busy is not None:
-            raise ValueError("a turn of this chat session is still running; wait for it before the next one")
+            raise SessionBusy("a turn of this chat session is still running; wait for it before the next one")
 
     # --- turns --------------------------------------------------------------------------------------------------
 
@@ -179,8 +194,9 @@ class ChatSession:
         if not self.token_ids:
             text = tokenizer.apply_chat_template(self.messages + [user])
             return tokenizer.encode(text, add_special_tokens=False)  # the template carries its own bos
-        marked = self.messages[:-1] + [{"role": "assistant", "content": MARKER}, user]
-        after = tokenizer.apply_chat_template(marked).split(MARKER, 1)[-1]
+        marker = answer_marker(self.messages + [user])
+        marked = self.messages[:-1] + [{"role": "assistant", "content": marker}, user]
+        after = tokenizer.apply_chat_template(marked).split(marker, 1)[-1]
         pending = self.pending
         if pending and pending[-1] in self.llm.eos_ids:  # the answer's end token is the template's closing too
             closing = tokenizer.decode(pending, skip_special_tokens=False)
@@ -197,7 +213,7 @@ class ChatSession:
         if candidates + max_tokens <= capacity and (not self.compressing or candidates <= limit):
             return FullCache()
         if not self.compressing:
-            raise ValueError(f"the conversation needs {candidates + max_tokens} cache entries ({candidates} so far, "
+            raise PromptTooLong(f"the conversation needs {candidates + max_tokens} cache entries ({candidates} so far, "
                              f"max_tokens {max_tokens}) but a slot holds {capacity} with the full cache; reset the "
                              "session, use SnapKV, or give the engine a larger max_kv_len")
         if self.snapkv.policy in WINDOW_POLICIES and new < self.snapkv.window:
@@ -212,7 +228,7 @@ class ChatSession:
         the budget plus the reserve (the full cache: the slot). Raises ValueError for a turn that cannot run
         (closed session, a turn still running, a conversation past the model's positions or the slot)."""
         if not isinstance(user_text, str) or not user_text:
-            raise ValueError("a chat turn needs a non-empty user message (a string)")
+            raise InvalidRequest("a chat turn needs a non-empty user message (a string)")
         params = params or SamplingParams()
         with self._lock:
             self._check_usable()

@@ -17,8 +17,10 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as _Backend
 
+from engine.errors import InvalidRequest
 from models.loader import read_gguf_metadata
 
+LONG_TEXT = 16_384  # characters; a longer text takes milliseconds or more to tokenize
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types (same numbering as sentencepiece's piece types)
 _SUPPORTED_GGUF_MODELS = ("gpt2", "llama")
 
@@ -137,6 +139,9 @@ class Tokenizer:
 
     # ---- use ----------------------------------------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        check_text(text)
+        if len(text) > LONG_TEXT:  # the batch call lets go of the GIL: other threads run while it tokenizes
+            return self._backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
@@ -168,6 +173,18 @@ class Tokenizer:
                   "add_bos_token": self.add_bos_token, "add_eos_token": self.add_eos_token,
                   "clean_up_tokenization_spaces": False, "chat_template": self.chat_template}
         (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
+def check_text(text: str, what: str = "the text") -> None:
+    """Refuse what the tokenizer cannot take: a non-string, or a string that is not valid Unicode (a lone UTF-16
+    surrogate, as a JSON escape like \\ud800 can produce)."""
+    if not isinstance(text, str):
+        raise InvalidRequest(f"{what} must be a string (got {type(text).__name__})")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidRequest(f"{what} is not valid Unicode: character {e.start} is a lone surrogate "
+                             f"(U+{ord(text[e.start]):04X}); send UTF-8 text") from None
 
 
 def _set_post_processor(backend: _Backend, bos: str | None, eos: str | None) -> None:

@@ -10,6 +10,8 @@ POLICIES = (*WINDOW_POLICIES, "tova", "keynorm", "streaming", "full")
 POOLINGS = ("max", "avg")
 GROUP_AGGREGATIONS = ("mean", "max")
 CHOICES = {"policy": POLICIES, "pooling": POOLINGS, "group_agg": GROUP_AGGREGATIONS}
+MAX_KERNEL = 255  # pooling costs kernel x prompt per head: wider smoothing only blurs the votes
+MAX_SIZE = 2**31  # budgets and windows are cache positions (int32 tensors on the device)
 # one line per knob, for every front end (snapkv-run's flags, the server's request field)
 HELP = {
     "budget": "Entries kept per layer and kv head, the observation window included (adakv and pyramidkv keep "
@@ -57,15 +59,17 @@ class SnapKVConfig:
             raise ValueError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
         if not all(isinstance(x, int) and not isinstance(x, bool) for x in (self.budget, self.window, self.kernel)):
             raise ValueError("budget, window and kernel must be integers")
-        if self.budget < 1:
-            raise ValueError(f"budget must be at least 1 (got {self.budget})")
-        if self.window < 1:
-            raise ValueError(f"window must be at least 1 (got {self.window})")
+        for name, value in (("budget", self.budget), ("window", self.window)):
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1 (got {value})")
+            if value >= MAX_SIZE:
+                raise ValueError(f"{name} must be below 2**31 (got {value})")
         if self.policy in WINDOW_POLICIES and self.budget <= self.window:
             raise ValueError(f"budget ({self.budget}) must be larger than window ({self.window}): the budget counts "
                              "the observation window")
-        if self.kernel < 1 or self.kernel % 2 == 0:
-            raise ValueError(f"kernel must be an odd number >= 1 (got {self.kernel}) so pooling keeps the length")
+        if not 1 <= self.kernel <= MAX_KERNEL or self.kernel % 2 == 0:
+            raise ValueError(f"kernel must be an odd number in [1, {MAX_KERNEL}] (got {self.kernel}) so pooling "
+                             "keeps the length")
         if self.pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {self.pooling!r}; choose one of {', '.join(POOLINGS)}")
         if self.group_agg not in GROUP_AGGREGATIONS:
