@@ -211,14 +211,45 @@ def test_engine_at_tp2_generates_and_keeps_what_tp1_does(models, kind):
     assert not torch.equal(single[0].kept[0][0], single[0].kept[0][1])  # and the heads chose differently
 
 
-def test_chat_session_at_tp2_matches_tp1(models):
+def listening(pids: list[int]) -> set[str]:
+    """The local addresses (hex, as /proc/net/tcp* writes them) of the TCP sockets these processes listen on."""
+    inodes = set()
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # state LISTEN
+                found.add(fields[1])
+    return found
+
+
+LOOPBACK = ("0100007F:", "00000000000000000000000001000000:", "0000000000000000FFFF00000100007F:")
+
+
+def test_chat_session_at_tp2_matches_tp1(models, monkeypatch):
+    """Also: the ranks talk in frames (JSON and tensor bytes), never pickled objects, and every socket the group
+    listens on is on the loopback (the rendezvous store, gloo's pairs)."""
+    for name in ("broadcast_object_list", "gather_object", "all_gather_object", "scatter_object_list"):
+        monkeypatch.setattr(torch.distributed, name, lambda *a, **k: pytest.fail("a pickled object was sent"))
     params = SamplingParams(max_tokens=10, ignore_eos=True)
     turns = ["A first message that is long enough to be compressed by the small budget of this test, surely.",
              "A second question?", "A third."]
     answers = {}
+    before = listening([os.getpid()])
     for size in (1, 2):
         with deadline(180), LLM(models["llama"], snapkv=SNAPKV, max_batch_size=1, max_kv_len=120,
                                 tensor_parallel_size=size) as llm:
+            if size == 2:
+                sockets = listening([os.getpid(), llm.ranks.processes[0].pid]) - before
+                assert sockets and all(address.startswith(LOOPBACK) for address in sockets), sockets
             with llm.chat_session(system="Be brief.", reserve=16) as chat:
                 answers[size] = [chat.send(t, params).token_ids for t in turns]
                 assert any(t["compressed"] for t in chat.turns[1:])  # a later turn re-selected among held entries
@@ -226,6 +257,19 @@ def test_chat_session_at_tp2_matches_tp1(models):
                 with pytest.raises(ValueError, match="full_history sessions are not supported with tensor"):
                     llm.chat_session(full_history=True)
     assert answers[2] == answers[1]
+
+
+def test_a_script_without_a_main_guard_is_told_what_to_do(models, tmp_path):
+    """Spawned workers import the script again; without the guard they would start workers of their own."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(f"from engine import LLM\nLLM({str(models['llama'])!r}, tensor_parallel_size=2)\n")
+    run = subprocess.run([PY, str(script)], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and "bootstrapping phase" not in run.stderr
+    assert run.stderr.strip().splitlines()[-1] == (
+        "engine.tensor_parallel.RankFailure: tensor-parallel rank 1 failed while starting: the script that starts "
+        "LLM(tensor_parallel_size=...) must do it under `if __name__ == \"__main__\":` (each worker is a new "
+        "process that imports the script again)")
 
 
 def test_a_start_that_cannot_fit_is_a_plain_refusal_and_leaves_nothing_behind(models):
