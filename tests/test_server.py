@@ -39,6 +39,8 @@ def free_port() -> int:
 class Server:
     def __init__(self, *args: str, model: Path | None = None):
         self.port = free_port()
+        keys = [args[i + 1] for i, a in enumerate(args) if a == "--api-key"]
+        self.auth = {"authorization": f"Bearer {keys[0]}"} if keys else {}  # for /metrics
         self.base = f"http://127.0.0.1:{self.port}"
         command = [str(SERVE), "--port", str(self.port), *args] + (["--model", str(model)] if model else [])
         self.log = open(Path(f"/tmp/snapkv-serve-{self.port}.log"), "w+")
@@ -61,7 +63,7 @@ class Server:
 
     def metric(self, name: str, **labels) -> float:
         want = name + ("{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else "")
-        for line in http("GET", self.base + "/metrics")[1].splitlines():
+        for line in http("GET", self.base + "/metrics", headers=self.auth)[1].splitlines():
             if line.startswith(want + " "):
                 return float(line.split()[-1])
         return 0.0
@@ -91,7 +93,7 @@ def http(method: str, url: str, body: bytes | dict | None = None, headers: dict 
 
 @pytest.fixture(scope="module")
 def server(smol_dir):
-    s = Server("--max-batch-size", "4", "--max-sessions", "2", "--session-ttl", "6")
+    s = Server("--max-batch-size", "4", "--max-sessions", "2", "--max-sessions-per-key", "2", "--session-ttl", "6")
     yield s
     s.stop()
 

@@ -1,0 +1,7 @@
+"""`python -m server`: the same as snapkv-serve."""
+
+import sys
+
+from server.command import main
+
+sys.exit(main())
