@@ -359,12 +359,9 @@ def test_slow_and_idle_clients_are_disconnected(srv):
     flood = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(80)]
     time.sleep(0.5)
     closed_at_once = 0
-    for s in flood:
-        s.settimeout(0.05)
+    for s in select.select(flood, [], [], 0)[0]:  # well before the 2 s header deadline
         try:
             closed_at_once += s.recv(1) == b""
-        except TimeoutError:
-            pass
         except ConnectionResetError:
             closed_at_once += 1
     assert closed_at_once >= 25  # 110 opened, at most 80 kept
