@@ -76,7 +76,9 @@ def test_smollm2_16k_prompt_peak_memory(smol_dir):
 
 
 def test_refusal_before_starting(smol_dir, monkeypatch):
-    llm = LLM(smol_dir, allow_longer_context=True, max_batch_size=1)
+    # a slot just large enough for the 20,000-token request, so that it passes the capacity check and reaches the
+    # memory one (the default size for a full cache past the trained length is half the free memory: gigabytes)
+    llm = LLM(smol_dir, allow_longer_context=True, max_batch_size=1, max_kv_len=20004)
     monkeypatch.setattr(llm_module, "available_memory_bytes", lambda device: 300 * 2**20)
     refused = llm.generate(prompt_token_ids=[[5] * 20000], sampling_params=SamplingParams(max_tokens=4))[0]
     assert refused.finish_reason == "error" and not refused.token_ids
@@ -123,6 +125,7 @@ def test_longer_than_trained_needs_opt_in(tmp_path):
     prompt = list(range(3, 103))
     with pytest.raises(ValueError, match=r"at most 64 positions; shorten the prompt or allow longer contexts"):
         LLM(path).generate(prompt_token_ids=[prompt])
-    out = LLM(path, allow_longer_context=True).generate(prompt_token_ids=[prompt],
-                                                        sampling_params=SamplingParams(max_tokens=5, ignore_eos=True))
+    # an explicit cache size: the default for a full cache past the trained length is half the free memory
+    out = LLM(path, allow_longer_context=True, max_batch_size=1, max_kv_len=128).generate(
+        prompt_token_ids=[prompt], sampling_params=SamplingParams(max_tokens=5, ignore_eos=True))
     assert len(out[0].token_ids) == 5
