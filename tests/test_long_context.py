@@ -58,21 +58,24 @@ def test_smollm2_chunked_equals_unchunked(smol_dir):
     assert all(torch.equal(x, y) for x, y in zip(a.kept, b.kept)) and a.token_ids == b.token_ids
 
 
-def test_smollm2_16k_prompt_peak_memory(smol_dir):
-    """16,384 tokens (twice the trained length), budget 1024: the full float32 cache alone would be 0.70 GiB
-    (46,080 bytes a token). (benchmarks/long_context.py measures 32K and beyond; 16K keeps make test short.)"""
+def test_smollm2_8k_prompt_peak_memory(smol_dir):
+    """8,192 tokens (the trained length), budget 1024: the full float32 cache alone would be 0.35 GiB (46,080 bytes
+    a token). The measured peak stays under the memory model's prediction, and under 256 MiB: the 512 MiB that this
+    test allowed at 16K (0.70 GiB of full cache), scaled with the prompt. The 16K prompt, where the measured peak
+    comes closest to the prediction (0.93 of it, against 0.72 at 8K), is checked by benchmarks/long_context.py,
+    which fails if any row exceeds its prediction: at 80 s it was the slowest test of make test."""
     llm = LLM(smol_dir, snapkv=SnapKVConfig(budget=1024, window=16), allow_longer_context=True)
     words = (SMOL_DIR.parents[1] / "examples" / "long_prompt.txt").read_text()
-    ids = (llm.tokenizer.encode(words) * 7)[:16384]
+    ids = (llm.tokenizer.encode(words) * 7)[:8192]
     # the weights are memory-mapped: a first short call pages them in, so they do not count as prefill growth
     llm.generate(prompt_token_ids=[ids[:64]], sampling_params=SamplingParams(max_tokens=1))
     out = llm.generate(prompt_token_ids=[ids], sampling_params=SamplingParams(max_tokens=2, ignore_eos=True))[0]
     stats = out.stats
-    assert stats["prompt_tokens"] == 16384 and stats["kept_tokens"] == 1024
-    assert stats["full_kv_bytes"] > 0.7 * 2**30  # what the full cache would hold
+    assert stats["prompt_tokens"] == 8192 and stats["kept_tokens"] == 1024
+    assert stats["full_kv_bytes"] > 0.35 * 2**30  # what the full cache would hold
     assert stats["measured_peak_bytes"] is not None
     assert stats["measured_peak_bytes"] < stats["predicted_peak_bytes"], stats
-    assert stats["measured_peak_bytes"] < 512 * 2**20, stats
+    assert stats["measured_peak_bytes"] < 256 * 2**20, stats
 
 
 def test_refusal_before_starting(smol_dir, monkeypatch):
