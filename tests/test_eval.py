@@ -75,18 +75,34 @@ def test_token_agreement():
     assert token_agreement(list(range(100)), list(range(100)), n=64) == 1.0
 
 
+@pytest.fixture(scope="module")
+def prefilled(llm, count):
+    """One PrefilledPrompt per prompt length, shared by the cases below: prefill once and decode many is what it is
+    for (the tuning sweep decodes every policy from one)."""
+    made = {}
+
+    def get(length):
+        if length not in made:
+            case = tasks.make_case("passkey", 0, length, 0.4, count)
+            made[length] = PrefilledPrompt(llm, llm.encode_prompt(case.prompt, chat=True))
+        return made[length]
+    return get
+
+
 @pytest.mark.parametrize("length,cfg", [
     (800, None), (800, SnapKVConfig(budget=192, window=16, kernel=7)),
     (800, SnapKVConfig(budget=160, window=8, kernel=15, pooling="avg", group_agg="max")),
     (800, SnapKVConfig(budget=192, policy="streaming")), (450, SnapKVConfig(budget=192, window=32, kernel=5))],
     ids=["full", "snapkv", "snapkv-avg-max", "streaming", "snapkv-unchunked"])
-def test_prefill_once_equals_generate(llm, smol_dir, count, length, cfg):
+def test_prefill_once_equals_generate(llm, smol_dir, count, prefilled, length, cfg):
     """800 tokens: longer than the engine's CPU prefill chunk (512), so both sides take the chunked path."""
     case = tasks.make_case("passkey", 0, length, 0.4, count)
     ids = llm.encode_prompt(case.prompt, chat=True)
-    expected = LLM(smol_dir, snapkv=cfg).generate(prompt_token_ids=[ids],
-                                                  sampling_params=SamplingParams(max_tokens=12))[0]
-    prefilled = PrefilledPrompt(llm, ids)
+    # one slot: the reference generates one prompt (and a full cache of 8 slots would be 2.9 GB to allocate)
+    expected = LLM(smol_dir, snapkv=cfg, max_batch_size=1).generate(prompt_token_ids=[ids],
+                                                                    sampling_params=SamplingParams(max_tokens=12))[0]
+    prefilled = prefilled(length)
+    assert prefilled.prompt_ids == ids
     assert prefilled.decode(cfg, 12).token_ids == expected.token_ids
     # several policies batched together give the same greedy tokens here
     batched = prefilled.decode_many([SnapKVConfig(budget=128, window=8), cfg], 12)
