@@ -64,6 +64,14 @@ def tiny_model_dir(directory: Path, kind: str = "llama", **overrides) -> Path:
     return Path(directory)
 
 
+@pytest.fixture(scope="session")
+def tiny_chat_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama with SmolLM2's whole vocabulary (49,152), so that text prompts and the chat template's
+    tokens are real ones: for engine behaviour that does not depend on the real weights, at a fraction of their
+    cost."""
+    return tiny_model_dir(tmp_path_factory.mktemp("tiny_chat"), vocab_size=49152, max_position_embeddings=2048)
+
+
 def _permute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     # llama.cpp's convert_hf_to_gguf permutation (the loader must undo it)
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)

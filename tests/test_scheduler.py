@@ -189,16 +189,24 @@ def test_a_failing_request_fails_alone_and_the_engine_goes_on(tiny_path, monkeyp
     assert llm.generate(prompt_token_ids=[prompts[2]], sampling_params=params)[0].token_ids == expected[2]
 
 
-def test_threads_and_interleaved_streams_never_mix_outputs(smol_dir):
-    llm = LLM(smol_dir, max_batch_size=4)
+def test_threads_and_interleaved_streams_never_mix_outputs(tiny_chat_dir):
+    """Text prompts through the chat template on a tiny random model with SmolLM2's vocabulary: what is tested is
+    the loop, not the answers, so it only needs four different answers that a mix-up would show."""
+    llm = LLM(tiny_chat_dir, max_batch_size=4)
     prompts = ["List the first ten prime numbers.", "What is the capital of France?",
                "Write a haiku about the sea.", "Name three colours."]
     params = SamplingParams(max_tokens=24)
     expected = {p: llm.generate(p, params, chat=True)[0].text for p in prompts}
+    assert len(set(expected.values())) == len(prompts)  # a swap or a mix would change some thread's text
+    batch_sizes = []
+    decode = llm.runner.decode
+    llm.runner.decode = lambda live: batch_sizes.append(len(live)) or decode(live)
     results, errors = {}, []
+    start = threading.Barrier(len(prompts))
 
     def worker(prompt):
         try:
+            start.wait(timeout=60)
             results[prompt] = llm.generate(prompt, params, chat=True)[0].text
         except Exception as e:  # surfaced by the assertion below
             errors.append(e)
@@ -209,6 +217,8 @@ def test_threads_and_interleaved_streams_never_mix_outputs(smol_dir):
     for t in threads:
         t.join(timeout=300)
     assert not errors and results == expected
+    assert max(batch_sizes) > 1  # the threads' requests really shared decode steps
+    del llm.runner.decode
     # two streams consumed in turn, piece by piece: each gets exactly its own text
     streams = {p: llm.stream(p, params, chat=True) for p in prompts[:2]}
     pieces = {p: [] for p in streams}
