@@ -22,14 +22,17 @@ def prompt_file(tmp_path):
     return f
 
 
-def test_json_output_matches_library(capsys, smol_dir, prompt_file):
-    code, out, err = run_main(capsys, "--model", str(smol_dir), "--prompt", str(prompt_file), "--json",
+def test_json_output_matches_library(capsys, tiny_chat_dir, prompt_file):
+    """--json prints what the library generates for the same chat prompt (any model will do: a tiny random one
+    with SmolLM2's vocabulary; test_streamed_text_and_stats runs SmolLM2)."""
+    code, out, err = run_main(capsys, "--model", str(tiny_chat_dir), "--prompt", str(prompt_file), "--json",
                               "--max-new-tokens", "12", "--no-snapkv")
     assert code == 0
     result = json.loads(out)
     from engine import LLM, SamplingParams
 
-    expected = LLM(smol_dir).generate("What is the capital of France?", SamplingParams(max_tokens=12), chat=True)[0]
+    expected = LLM(tiny_chat_dir, max_batch_size=1).generate("What is the capital of France?",
+                                                             SamplingParams(max_tokens=12), chat=True)[0]
     assert result["text"] == expected.text and result["token_ids"] == expected.token_ids
     assert result["stats"]["prompt_tokens"] == expected.stats["prompt_tokens"]
 
@@ -229,25 +232,27 @@ def test_help_shows_every_default():
     assert "FILE" not in text
 
 
-def test_compare_runs_both_caches_and_counts_matched_tokens(capsys, smol_dir, tmp_path):
+def test_compare_runs_both_caches_and_counts_matched_tokens(capsys, tiny_chat_dir, tmp_path):
+    """--compare answers with both caches in one batch, each as its own engine would, and counts the matched
+    tokens (the plumbing, not the answers: a tiny random model with SmolLM2's vocabulary)."""
     from benchmarks.eval.tasks import make_case
     from engine import LLM, SamplingParams
     from engine.compare import matched_tokens
     from snapkv import SnapKVConfig
 
-    llm = LLM(smol_dir)
+    llm = LLM(tiny_chat_dir, max_batch_size=1)
     case = make_case("qa", 3, 700, 0.5, lambda t: len(llm.tokenizer.encode(t, add_special_tokens=False)))
     prompt = tmp_path / "long.txt"
     prompt.write_text(case.prompt)
-    args = ["--model", str(smol_dir), "--prompt", str(prompt), "--max-new-tokens", "24", "--budget", "64",
+    args = ["--model", str(tiny_chat_dir), "--prompt", str(prompt), "--max-new-tokens", "24", "--budget", "64",
             "--policy", "tova", "--compare"]
     code, out, err = run_main(capsys, *args, "--json")
     assert code == 0, err
     result = json.loads(out)
     params = SamplingParams(max_tokens=24)
     full = llm.generate(case.prompt, params, chat=True)[0]
-    compressed = LLM(smol_dir, snapkv=SnapKVConfig(budget=64, policy="tova")).generate(case.prompt, params,
-                                                                                      chat=True)[0]
+    compressed = LLM(tiny_chat_dir, snapkv=SnapKVConfig(budget=64, policy="tova"), max_batch_size=1).generate(
+        case.prompt, params, chat=True)[0]
     assert result["full"]["token_ids"] == full.token_ids
     assert result["compressed"]["token_ids"] == compressed.token_ids
     n = max(len(full.token_ids), len(compressed.token_ids))
