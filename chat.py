@@ -19,7 +19,7 @@ from typing import Optional
 import typer
 
 import cli
-from cli import UserError
+from options import EngineFlags, UserError, engine_options, run_app
 
 COMMANDS = {"/reset": "forget the conversation (the system message and --document stay)",
             "/history": "print the conversation so far", "/help": "show these commands",
@@ -72,8 +72,8 @@ def status_line(turn: dict, seconds: float) -> str:
 
 @app.command(help="Chat in the terminal; with stdin not a terminal, each non-blank line is one user message (answers "
              "on stdout, status lines on stderr). Commands: " + "; ".join(f"{c}: {h}" for c, h in COMMANDS.items()))
+@engine_options
 def chat_command(
-    model: Optional[Path] = cli.MODEL,
     document: Optional[Path] = typer.Option(None, "--document", "-d", help="A UTF-8 text file that opens the "
                                             "conversation: the first user message becomes the document, a blank "
                                             "line, then your first question (again after /reset)."),
@@ -89,41 +89,21 @@ def chat_command(
     full_history: bool = typer.Option(False, "--full-history", help="Also keep every entry of the conversation "
                                       "in host memory, so each turn's question selects from all of it (the quality "
                                       "of prefilling the conversation again; memory grows like a full cache)."),
-    max_kv_len: Optional[int] = cli.MAX_KV_LEN,
-    budget: int = cli.BUDGET,
-    no_snapkv: bool = cli.NO_SNAPKV,
-    window: int = cli.WINDOW,
-    kernel: int = cli.KERNEL,
-    pooling: cli.Pooling = cli.POOLING,
-    group_agg: cli.GroupAgg = cli.GROUP_AGG,
-    policy: cli.Policy = cli.POLICY,
-    sink_tokens: Optional[int] = cli.SINK_TOKENS,
-    device: cli.Device = cli.DEVICE,
-    dtype: cli.DType = cli.DTYPE,
-    weights_dtype: cli.WeightsDType = cli.WEIGHTS_DTYPE,
-    kv_dtype: cli.KVDType = cli.KV_DTYPE,
-    cuda_graph: bool = cli.CUDA_GRAPH,
-    compile_step: bool = cli.COMPILE,
-    prefill_chunk: Optional[int] = cli.PREFILL_CHUNK,
-    allow_longer_context: bool = cli.ALLOW_LONGER_CONTEXT,
-    tensor_parallel: int = cli.TENSOR_PARALLEL,
+    engine: EngineFlags = None,
 ):
     from rich.console import Console
 
-    from engine import LLM, SamplingParams
+    from engine import SamplingParams
 
-    model_path = cli.resolve_model(model)
+    model_path = engine.model_path
     document_text = read_document(document) if document is not None else None
     params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
-    snapkv = cli.snapkv_from_flags(no_snapkv, budget, window, kernel, pooling, group_agg, policy, sink_tokens)
+    snapkv = engine.snapkv
     interactive = sys.stdin.isatty()
     info = Console(stderr=True, highlight=False, soft_wrap=True)  # status lines, notes, /history, /help
     with cli.ProgressDisplay(enabled=True) as display:
         display.stage(f"loading {model_path.name}")
-        llm = LLM(model_path, device=device.value, dtype=dtype.value, snapkv=snapkv, max_batch_size=1,
-                  max_kv_len=max_kv_len, cuda_graph=cuda_graph, compile=compile_step,
-                  prefill_chunk_size=prefill_chunk, allow_longer_context=allow_longer_context,
-                  weights_dtype=weights_dtype.value, kv_dtype=kv_dtype.value, tensor_parallel_size=tensor_parallel)
+        llm = engine.build(max_batch_size=1)
     with llm.chat_session(system=system, snapkv=snapkv, reserve=reserve, full_history=full_history) as chat:
         if interactive:
             kept = f"SnapKV budget {chat.budget} + reserve {chat.reserve}" if chat.compressing else "full cache"
@@ -216,7 +196,7 @@ def answer(chat, message: str, params, info, interactive: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli.run_app(app, argv)
+    return run_app(app, argv)
 
 
 if __name__ == "__main__":

@@ -12,40 +12,16 @@ from __future__ import annotations
 import json
 import os
 import sys
-from enum import Enum
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from engine.llm import DEVICES, DTYPES, KV_DTYPES
-from engine.tensor_parallel import RankFailure
-from models.loader import WEIGHTS_DTYPES
-from snapkv.config import CHOICES, HELP, SnapKVConfig
-
-DEFAULT_MODEL = Path(__file__).resolve().parent / "weights" / "SmolLM2-135M-Instruct"
+from options import EngineFlags, UserError, engine_options, run_app
+from snapkv.config import SnapKVConfig
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
                   help="Generate with a SnapKV-compressed KV cache (Llama/Mistral; HF directory or .gguf).")
-
-
-def choices(name: str, values) -> type[Enum]:
-    """A typer choice type from a tuple of strings (the library's own list, so the two never disagree)."""
-    return Enum(name, {v: v for v in values}, type=str)
-
-
-Pooling = choices("Pooling", CHOICES["pooling"])
-GroupAgg = choices("GroupAgg", CHOICES["group_agg"])
-Policy = choices("Policy", CHOICES["policy"])
-Device = choices("Device", DEVICES)
-DType = choices("DType", DTYPES)
-WeightsDType = choices("WeightsDType", WEIGHTS_DTYPES)
-KVDType = choices("KVDType", KV_DTYPES)
-SNAPKV = SnapKVConfig()  # the defaults of every SnapKV flag
-
-
-class UserError(Exception):
-    pass
 
 
 class ProgressDisplay:
@@ -135,71 +111,21 @@ def check_output_path(path: Path, flag: str) -> Path:
     return target
 
 
-# The flags snapkv-run and snapkv-serve share: the model, the SnapKV settings and how the engine runs.
-MODEL = typer.Option(None, "--model", "-m", help="HF-style model directory or .gguf file.",
-                     show_default="weights/SmolLM2-135M-Instruct")
-BUDGET = typer.Option(SNAPKV.budget, help=HELP["budget"])
-NO_SNAPKV = typer.Option(False, "--no-snapkv", help="Keep the full KV cache.")
-WINDOW = typer.Option(SNAPKV.window, help=HELP["window"])
-KERNEL = typer.Option(SNAPKV.kernel, help=HELP["kernel"])
-POOLING = typer.Option(SNAPKV.pooling, help=HELP["pooling"])
-GROUP_AGG = typer.Option(SNAPKV.group_agg, "--group-agg", help=HELP["group_agg"])
-POLICY = typer.Option(SNAPKV.policy, help=HELP["policy"])
-SINK_TOKENS = typer.Option(None, "--sink-tokens", help=HELP["sink_tokens"], show_default=False)
-DEVICE = typer.Option("cpu", help="Where to run.")
-DTYPE = typer.Option("auto", help="Weights and KV-cache dtype (auto: bfloat16 on a GPU, float16 where it has no "
-                     "bfloat16, float32 on CPU).")
-WEIGHTS_DTYPE = typer.Option("auto", "--weights-dtype", help="How the weights are stored: int4/int8 are "
-                             "weight-only quantized (smaller, faster decode; see README); auto: a .gguf keeps its "
-                             "own quantization, anything else is stored in --dtype.")
-KV_DTYPE = typer.Option("auto", "--kv-dtype", help="KV cache storage: int8 (a scale per token and kv head) or auto "
-                        "(--dtype).")
-CUDA_GRAPH = typer.Option(True, "--cuda-graph/--no-cuda-graph", help="On CUDA, replay the decode step as captured "
-                          "CUDA graphs (--no-cuda-graph: eager).")
-COMPILE = typer.Option(False, "--compile", help="Run the decode step through torch.compile (a slow start; with CUDA "
-                       "graphs on, the compiled step is what gets captured).")
-PREFILL_CHUNK = typer.Option(None, "--prefill-chunk", help="Prefill the prompt layer by layer in chunks of this "
-                             "many tokens (bounds prefill memory).", show_default="4096 on cuda, 512 on cpu")
-MAX_KV_LEN = typer.Option(None, "--max-kv-len", help="Cache entries per slot.",
-                          show_default="the SnapKV budget + 1024, or the model's length")
-TENSOR_PARALLEL = typer.Option(1, "--tensor-parallel", help="Shard the model over this many processes (GPUs), "
-                               "each holding its share of the kv heads; it must divide the model's kv heads. Under "
-                               "torchrun, the number of processes torchrun starts (see README).")
-ALLOW_LONGER_CONTEXT = typer.Option(False, "--allow-longer-context", help="Accept prompts longer than the model's "
-                                    "max_position_embeddings.")
-
-
-def resolve_model(model: Path | None) -> Path:
-    path = model or DEFAULT_MODEL
-    if not path.exists():
-        hint = " (run `make weights` to fetch the default model)" if model is None else ""
-        raise UserError(f"model not found: {path}{hint}")
-    return path
-
-
-def snapkv_from_flags(no_snapkv: bool, budget: int, window: int, kernel: int, pooling: Enum, group_agg: Enum,
-                      policy: Enum, sink_tokens: int | None = None) -> SnapKVConfig | None:
-    if no_snapkv:
-        return None
-    return SnapKVConfig(budget=budget, window=window, kernel=kernel, pooling=pooling.value,
-                        group_agg=group_agg.value, policy=policy.value, sink_tokens=sink_tokens)
-
-
 def slot_entries(snapkv: SnapKVConfig | None, model_path: Path, max_new_tokens: int) -> int | None:
     """Cache entries one request needs at most: the most any (layer, kv head) keeps, plus the new tokens (None
     for the full cache: the engine sizes that from the model's length and free memory)."""
     if snapkv is None or snapkv.policy == "full":
         return None
-    from models.loader import load_config
+    from formats.loader import load_config
     from snapkv.policies import make_policy
 
     return make_policy(snapkv, load_config(model_path).num_layers).kept_length(1 << 40) + max_new_tokens
 
 
 @app.command(help="Generate an answer for the prompt in the --prompt file (or stdin).")
+@engine_options
 def run(
     prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt file (UTF-8 text); '-' reads stdin."),
-    model: Optional[Path] = MODEL,
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n", help="Most tokens to generate."),
     temperature: float = typer.Option(0.0, help="0 = greedy."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (1 = off)."),
@@ -207,49 +133,31 @@ def run(
     seed: Optional[int] = typer.Option(None, help="Seed for sampling (reproducible output)."),
     stop: Optional[list[str]] = typer.Option(None, "--stop", help="Stop string (repeatable)."),
     chat: bool = typer.Option(True, "--chat/--no-chat", help="Wrap the prompt in the model's chat template."),
-    budget: int = BUDGET,
-    no_snapkv: bool = NO_SNAPKV,
-    window: int = WINDOW,
-    kernel: int = KERNEL,
-    pooling: Pooling = POOLING,
-    group_agg: GroupAgg = GROUP_AGG,
-    policy: Policy = POLICY,
-    sink_tokens: Optional[int] = SINK_TOKENS,
-    device: Device = DEVICE,
-    dtype: DType = DTYPE,
-    weights_dtype: WeightsDType = WEIGHTS_DTYPE,
-    kv_dtype: KVDType = KV_DTYPE,
-    cuda_graph: bool = CUDA_GRAPH,
-    compile_step: bool = COMPILE,
-    prefill_chunk: Optional[int] = PREFILL_CHUNK,
-    allow_longer_context: bool = ALLOW_LONGER_CONTEXT,
-    tensor_parallel: int = TENSOR_PARALLEL,
     stats: bool = typer.Option(False, "--stats", help="Print token counts, KV bytes, speeds and memory to stderr."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (text + stats) instead."),
     show_kept: Optional[Path] = typer.Option(None, "--show-kept", help="Write an HTML page (and a .png heatmap "
                                              "beside it) showing which prompt tokens SnapKV kept."),
     compare: bool = typer.Option(False, "--compare", help="Answer with the full cache too (the same batch) and "
                                  "print both answers, the tokens they share and the KV memory of each."),
+    engine: EngineFlags = None,
 ):
-    from engine import LLM, SamplingParams
+    from engine import SamplingParams
 
-    model_path = resolve_model(model)
+    model_path = engine.model_path
     if show_kept is not None:
         check_output_path(show_kept, "--show-kept")
     text = read_prompt(prompt)
     params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                             seed=seed, stop=list(stop or []))
-    snapkv = snapkv_from_flags(no_snapkv, budget, window, kernel, pooling, group_agg, policy, sink_tokens)
+    snapkv = engine.snapkv
     if compare and (snapkv is None or snapkv.policy == "full"):
         raise UserError("--compare compares a compressed cache with the full one; drop --no-snapkv/--policy full")
     # one request: a slot sized for it (the full cache takes the model's length, bounded by memory)
-    max_kv_len = None if compare else slot_entries(snapkv, model_path, max_new_tokens)
+    max_kv_len = engine.max_kv_len or (None if compare else slot_entries(snapkv, model_path, max_new_tokens))
     with ProgressDisplay(enabled=not as_json) as display:
         display.stage(f"loading {model_path.name}")
-        llm = LLM(model_path, device=device.value, dtype=dtype.value, snapkv=None if compare else snapkv,
-                  max_batch_size=2 if compare else 1, max_kv_len=max_kv_len, cuda_graph=cuda_graph,
-                  compile=compile_step, prefill_chunk_size=prefill_chunk, allow_longer_context=allow_longer_context,
-                  weights_dtype=weights_dtype.value, kv_dtype=kv_dtype.value, tensor_parallel_size=tensor_parallel)
+        llm = engine.build(snapkv=None if compare else snapkv, max_batch_size=2 if compare else 1,
+                           max_kv_len=max_kv_len)
         if chat and llm.tokenizer.chat_template is None:
             chat = False
             display.note("the model has no chat template; sending the prompt as plain text")
@@ -304,7 +212,7 @@ def run_both(llm, text: str, params, chat: bool, snapkv: SnapKVConfig, return_ke
 
 
 def print_comparison(full, compressed, snapkv: SnapKVConfig, eos_ids, as_json: bool) -> None:
-    from engine.compare import first_difference, matched_tokens
+    from compare import first_difference, matched_tokens
     from engine.kv_cache import format_bytes
 
     n = max(len(full.token_ids), len(compressed.token_ids))
@@ -327,38 +235,6 @@ def print_comparison(full, compressed, snapkv: SnapKVConfig, eos_ids, as_json: b
 
 def main(argv: list[str] | None = None) -> int:
     return run_app(app, argv)
-
-
-def run_app(command: typer.Typer, argv: list[str] | None) -> int:
-    """Run a typer app the way every snapkv command ends: a user's mistake is one line on stderr and exit code
-    2, Ctrl-C is one line and 130, never a traceback."""
-    try:
-        code = command(args=argv, standalone_mode=False)
-    except typer.Exit as e:
-        return e.exit_code
-    except typer.Abort:
-        print("error: aborted", file=sys.stderr)
-        return 130
-    except typer.TyperException as e:  # usage errors: unknown option, bad value type, missing --prompt
-        message = e.format_message() if hasattr(e, "format_message") else str(e)
-        print(f"error: {' '.join(message.split())}", file=sys.stderr)
-        return 2
-    except (UserError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except RankFailure as e:  # a tensor-parallel rank died: not the user's mistake, still one line
-        print(f"error: {e}", file=sys.stderr)
-        # and out at once: with a peer gone, tearing down the process group's threads at interpreter exit
-        # aborted the process now and then (1 run in 8: "terminate called without an active exception")
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(1)
-    except KeyboardInterrupt:
-        code = 130
-    if code == 130:  # typer turns Ctrl-C into a return value of 130 when not in standalone mode
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    return code or 0
 
 
 if __name__ == "__main__":

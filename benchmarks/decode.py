@@ -25,9 +25,12 @@ from engine.decode_step import GraphedStep, graph_capture_supported, new_graph_p
 from engine.model_runner import ModelRunner, batch_bucket
 from models.config import ModelConfig
 from models.llama import LlamaForCausalLM, RotaryEmbedding
-from models.loader import WEIGHTS_DTYPES, load_model, quantize_model
-from models.loader import weight_bytes as stored_bytes
-from models.parallel import SINGLE, TensorParallel, shard_config
+from formats.convert import hf_config
+from formats.loader import load_model
+from quant.store import WEIGHTS_DTYPES, quantize_model
+from models.llama import weight_bytes as stored_bytes
+from parallel.shard import TensorParallel
+from quant.kv_int8 import Int8KVCache
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {  # random-weight presets for shapes whose real weights are not reachable from here
@@ -48,8 +51,9 @@ SHAPES = {  # random-weight presets for shapes whose real weights are not reacha
 }
 
 
-def build_model(shape: str, device: torch.device, dtype: torch.dtype, tp: TensorParallel = SINGLE) -> LlamaForCausalLM:
-    """The real SmolLM2, or random weights of a preset shape (tp: this rank's shard of it)."""
+def build_model(shape: str, device: torch.device, dtype: torch.dtype,
+                tp: TensorParallel | None = None) -> LlamaForCausalLM:
+    """The real SmolLM2, or random weights of a preset shape (tp: this rank's shard of it, collectives attached)."""
     if shape == "smollm2":
         return load_model(ROOT / "weights" / "SmolLM2-135M-Instruct", dtype, device)
     cfg = ModelConfig(**SHAPES[shape])
@@ -57,12 +61,14 @@ def build_model(shape: str, device: torch.device, dtype: torch.dtype, tp: Tensor
     torch.set_default_dtype(dtype)  # built in its dtype: an 8B model never exists in float32 first
     try:
         with torch.device(device):
-            model = LlamaForCausalLM(shard_config(cfg, tp.size), tp)
+            model = tp.build(cfg) if tp is not None else LlamaForCausalLM(cfg)
     finally:
         torch.set_default_dtype(default)
     for p in model.parameters():
         p.data.normal_(0, 0.02)
     model.rotary = RotaryEmbedding(cfg).to(device)
+    if tp is not None:
+        tp.attach(model)
     return model.eval().requires_grad_(False)
 
 
@@ -102,7 +108,7 @@ def engine_step_ms(model, batch: int, entries: int, steps: int, mode: str, kv_in
     greedy step of this bucket is compiled here, the one measured, since each compile of a large model takes a
     while). times: if a list, each timed step's seconds are appended to it."""
     runner = ModelRunner(model, batch, entries + steps + 8, 4096, cuda_graph=mode == "graph",
-                         compile=mode == "compile", kv_int8=kv_int8)
+                         compile=mode == "compile", cache_class=Int8KVCache if kv_int8 else None)
     if mode == "compile+graph":
         key = (batch_bucket(batch, batch), "greedy")
         runner.static = True
@@ -174,7 +180,7 @@ def hf_model_for(shape: str, ours: LlamaForCausalLM, device: torch.device, dtype
                                                     dtype=dtype).to(device).eval()
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    cfg = LlamaConfig(**{k: v for k, v in ours.config.to_hf_dict().items() if k not in ("architectures",)})
+    cfg = LlamaConfig(**{k: v for k, v in hf_config(ours.config).items() if k not in ("architectures",)})
     with torch.device("meta"):
         hf = HFLlama(cfg).to(dtype).eval()
     hf.load_state_dict(ours.state_dict(), strict=False, assign=True)  # the same tensors: no second copy

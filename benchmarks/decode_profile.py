@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from benchmarks.decode import SHAPES, build_model, engine_step_ms
 from engine.model_runner import ModelRunner
-from models import attention
+from fastattn import paths as fast
 
 
 def cuda_ms(fn, iters: int = 20) -> float:
@@ -41,7 +41,7 @@ def attention_alone(entries: int, dtype: torch.dtype) -> None:
     k, v = torch.randn(2, 1, hkv, entries, d, device="cuda", dtype=dtype)
     valid = torch.ones(1, hkv, entries, dtype=torch.bool, device="cuda")
     read = k.nbytes + v.nbytes
-    for name, fn in (("split-KV", lambda: attention.split_decode_attention(q, k, v, valid)),
+    for name, fn in (("split-KV", lambda: fast.split_decode_attention(q, k, v, valid)),
                      ("SDPA + bool mask", lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, :, None])),
                      ("SDPA, no mask", lambda: F.scaled_dot_product_attention(q, k, v))):
         ms = cuda_ms(fn)
@@ -69,17 +69,17 @@ def profile_step(layers: int, entries: int, dtype: torch.dtype) -> None:
 
 def crossover(entries: list[int], dtype: torch.dtype) -> None:
     model = build_model("llama3-8b", torch.device("cuda"), dtype)
-    variants = (("sdpa", "sdpa", attention.SPLIT_LENGTH), ("split 256", "split", 256),
+    variants = (("sdpa", "sdpa", fast.SPLIT_LENGTH), ("split 256", "split", 256),
                 ("split 1024", "split", 1024))
-    default = attention.CUDA_DECODE, attention.SPLIT_LENGTH
+    default = fast.CUDA_DECODE, fast.SPLIT_LENGTH
     print("| entries | " + " | ".join(v[0] for v in variants) + " |", flush=True)
     for n in entries:
         cells = []
         for _, backend, length in variants:
-            attention.CUDA_DECODE, attention.SPLIT_LENGTH = backend, length
+            fast.CUDA_DECODE, fast.SPLIT_LENGTH = backend, length
             cells.append(f"{engine_step_ms(model, 1, n, 30, 'graph'):.2f}")
         print(f"| {n} | " + " | ".join(cells) + " |", flush=True)
-    attention.CUDA_DECODE, attention.SPLIT_LENGTH = default
+    fast.CUDA_DECODE, fast.SPLIT_LENGTH = default
 
 
 def main() -> None:

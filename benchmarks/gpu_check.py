@@ -119,16 +119,16 @@ def run_decode(report: Report, p: dict, device: torch.device) -> dict:
               flush=True)
     # A/B in the same run: the default decode attention ("auto": split-KV from SPLIT_FROM entries) against SDPA's
     # kernel alone
-    from models import attention
+    from fastattn import paths as fast
 
-    default, attention.CUDA_DECODE = attention.CUDA_DECODE, "sdpa"
+    default, fast.CUDA_DECODE = fast.CUDA_DECODE, "sdpa"
     for context in p["contexts"]:
         for name, entries in [("full", context), (f"SnapKV {p['budgets'][0]}", p["budgets"][0])]:
             rows.append(dict(config=f"engine {name}, SDPA decode", context=context,
                              bytes=weights + entries * entry_bytes,
                              ms=measure(f"engine {name} SDPA at {context}", engine_step_ms, model, 1, entries, steps,
                                         mode)))
-    attention.CUDA_DECODE = default
+    fast.CUDA_DECODE = default
     compiled_mode = "compile+graph" if device.type == "cuda" else "compile"
     entries = p["budgets"][0]
     rows.append(dict(config=f"engine SnapKV {entries}, --compile", context=p["contexts"][0],
@@ -192,7 +192,7 @@ def run_decode(report: Report, p: dict, device: torch.device) -> dict:
     for context in p["contexts"]:
         default_ms, sdpa = ms("engine full", context), ms("engine full, SDPA decode", context)
         if report.need(f"SDPA decode at {context}", sdpa) and default_ms:
-            goals.append(f"at {context}, full cache: SDPA decode / default decode ({attention.CUDA_DECODE}) step "
+            goals.append(f"at {context}, full cache: SDPA decode / default decode ({fast.CUDA_DECODE}) step "
                          f"time = {sdpa / default_ms:.2f}x")
     tput = report.need("batch 8 / batch 1", batch[1] / batch[8] * 8 if batch[1] and batch[8] else None)
     goals.append(f"batch 8 / batch 1 tokens/s = {tput:.2f}x (SnapKV {p['budgets'][0]} entries)" if tput
@@ -218,7 +218,7 @@ def run_quantized(report: Report, p: dict, device: torch.device) -> None:
     that section 2 measured below 128K."""
     from benchmarks.decode import build_model, engine_step_ms, weight_bytes
     from engine.kv_cache import format_bytes
-    from models.loader import quantize_model
+    from quant.store import quantize_model
 
     mode = "graph" if device.type == "cuda" else "eager"
     entries, steps = p["budgets"][0], p["steps"]
@@ -329,7 +329,7 @@ class _nothing:
 
 
 def environment(device: torch.device) -> list[str]:
-    from models.attention import flash_attn_with_kvcache
+    from fastattn.paths import flash_attn_with_kvcache
 
     lines = [f"- torch {torch.__version__}, Python {platform.python_version()}",
              f"- flash-attn: {'imports' if flash_attn_with_kvcache is not None else 'not installed (SDPA paths)'}"]

@@ -25,6 +25,18 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "weights" / "SmolLM2-135M-Instruct"
 
 
+def predict_generation_peak(cfg, prompt_len: int, capacity: int, batch: int, dtype_bytes: int,
+                            chunk: int, window: int = 0, device_type: str = "cpu",
+                            repeat_kv: bool = False, entry_bytes: int | None = None):
+    """The whole picture for one engine: a static cache of `capacity` entries for `batch` slots (entry_bytes per
+    entry and kv head: KVCache.entry_bytes, by default K and V at dtype_bytes), plus the longest prompt's prefill."""
+    from engine.memory_model import MARGIN, MemoryEstimate, predict_prefill_peak
+
+    prefill = predict_prefill_peak(cfg, prompt_len, dtype_bytes, chunk, window, device_type, repeat_kv)
+    cache = batch * capacity * cfg.kv_bytes_per_token(dtype_bytes, entry_bytes)
+    return MemoryEstimate(prefill.total + int(MARGIN * cache), {"KV cache": cache, **prefill.parts})
+
+
 def run_one(length: int, policy: str, budget: int, chunk: int, device: str, shape: str) -> dict:
     """In this process: prefill `length` tokens (+1 decode step) and report time and memory."""
     from engine import LLM, SamplingParams
@@ -54,7 +66,7 @@ def run_one_random(length: int, snapkv, chunk: int, device: torch.device, shape:
     from benchmarks.decode import build_model
     from engine.cache_views import PrefillView
     from engine.kv_cache import KVCache
-    from engine.memory_model import PeakMeter, predict_generation_peak
+    from engine.memory_model import PeakMeter
     from models.attention import prefill_repeats_kv
     from snapkv.policies import make_policy
 
@@ -82,7 +94,7 @@ def longest_fits(free_bytes: int, budget: int | None, chunk: int, device: str, s
     from benchmarks.decode import SHAPES
     from engine.memory_model import longest_prompt_that_fits
     from models.config import ModelConfig
-    from models.loader import load_config
+    from formats.loader import load_config
 
     cfg = load_config(MODEL) if shape == "smollm2" else ModelConfig(**SHAPES[shape])
     e = 4 if device == "cpu" else 2

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     text = (ROOT / "examples" / "long_prompt.txt").read_text()
     budget = int(args.prompt_tokens / args.ratio)
-    lines = [f"# Rows of different lengths: step time and bytes (CPU, SmolLM2-135M, float32)\n",
+    lines = ["# Rows of different lengths: step time and bytes (CPU, SmolLM2-135M, float32)\n",
              f"Prompt {args.prompt_tokens} tokens, budget {budget} ({args.ratio:g}x), {args.new_tokens} new tokens "
              f"greedy; torch {torch.__version__}, {args.threads} threads, {platform.machine()}. Command: "
              f"`.venv/bin/python -m benchmarks.row_lengths --prompt-tokens {args.prompt_tokens} --ratio "

@@ -155,7 +155,7 @@ def load_levels(args, stream: list[int], engine_flags: list[str]) -> list[dict]:
 
 
 def fixed_memory(args, stream: list[int], engine_flags: list[str]) -> tuple[list[dict], int]:
-    from models.loader import load_config
+    from formats.loader import load_config
 
     per_entry = load_config(MODEL).kv_bytes_per_token(4 if args.dtype == "float32" else 2)
     memory = args.full_slots * (LONG_PROMPT + args.long_max_tokens) * per_entry

@@ -261,7 +261,8 @@ def write(r: dict) -> None:
         "# snapkv-serve soak: good and bad clients together",
         "",
         f"`python -m benchmarks.serve_soak --seconds {r['seconds']:g}`: SmolLM2-135M-Instruct on the 2-core CPU, 8 "
-        f"slots, 7 sessions (1 per API key), {r['good_clients']} good clients and {r['bad_clients']} bad ones at once for {r['seconds']:g} s "
+        f"slots, 7 sessions (1 per API key), {r['good_clients']} good clients and {r['bad_clients']} bad ones at "
+        f"once for {r['seconds']:g} s "
         "(benchmarks/serve_soak.py says what each does)." + (f" {r['note']}" if r.get("note") else ""),
         "",
         "| | |",

@@ -6,7 +6,7 @@ them on CPU, one GPU each on CUDA), the share of the step spent in collectives, 
     python -m benchmarks.tensor_parallel --device cuda --dtype bfloat16 --shapes llama3-8b \\
         --sizes 1,2,4,8 --batches 1,8                                # a node with 8 GPUs: NCCL, CUDA graphs
 
-Each rank builds its shard of a random-weight model (models.parallel.shard_config; the values do not change a
+Each rank builds its shard of a random-weight model (parallel.shard.TensorParallel.build; the values do not change a
 step's cost) and times the engine's own decode step (benchmarks.decode.engine_step_ms: ModelRunner.decode with
 `entries` random cache entries per sequence, greedy sampling and the host read included), all ranks in lockstep.
 Communication is timed around each collective in an eager run (on CUDA with a synchronize on each side): it
@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from benchmarks.decode import build_model, engine_step_ms, sync
-from models.parallel import TensorParallel
+from parallel.shard import TensorParallel
 
 ROOT = Path(__file__).resolve().parents[1]
 class TimedTensorParallel(TensorParallel):
@@ -52,9 +52,6 @@ class TimedTensorParallel(TensorParallel):
 
     def gather_vocab(self, x):
         return self._timed(super().gather_vocab, x) if self.size > 1 else x
-
-    def from_first_rank(self, x):
-        return self._timed(super().from_first_rank, x) if self.size > 1 else x
 
 
 def _rank(rank, size, port, shape, device_type, dtype, batches, entries, steps, vocab_parallel, results):

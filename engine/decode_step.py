@@ -1,15 +1,11 @@
-"""The static decode step: one token for every slot of a batch bucket — forward, sampling and book-keeping all on
-the device — and the two ways to make it fast: a CUDA graph (captured once per bucket and sampling mode at the
+"""The static decode step: one token for every slot of a batch bucket (forward, sampling and book-keeping, all on
+the device) and the two ways to make it fast: a CUDA graph (captured once per bucket and sampling mode at the
 engine's fixed capacity, all graphs sharing one memory pool) and `torch.compile(fullgraph=True)`.
 
-Inputs live in persistent per-slot buffers (`StepInputs`): the current token, its position, whether the slot is
-live, and the slot's sampling settings. A step for bucket b runs on the first b slots (views, no copies): it
-appends K/V at each slot's length, attends over the cache, samples the next token inside the step (greedy,
-temperature, or temperature with top-k/top-p: three variants, so that a greedy batch pays for no sort), writes it
-back as the next input and advances lengths and positions of live slots. No shape depends on the data and
-nothing reads back to the host; the host reads the `[b]` sampled tokens, once per step. Under tensor parallelism
-every rank runs the same step on its own kv heads; the only traffic is the model's collectives and rank 0's
-sampled tokens, broadcast so that every rank feeds the same next token.
+Inputs live in persistent per-slot buffers (`StepInputs`). A step for bucket b runs on the first b slots (views):
+it appends K/V at each slot's length, attends over the cache, samples the next token inside the step (greedy,
+temperature, or temperature with top-k/top-p: a greedy batch pays for no sort), writes it back as the next input
+and advances the live slots. No shape depends on the data and nothing reads back to the host but the `[b]` tokens.
 """
 
 from __future__ import annotations
@@ -43,45 +39,32 @@ class StepInputs:
         return view
 
 
-def next_tokens(mode: str, logits: torch.Tensor, x: StepInputs) -> torch.Tensor:
-    """The next token of each row of logits [B, V] under the rows' sampling settings (x: the same B slots)."""
+def next_tokens(mode: str, logits: torch.Tensor, rows: StepInputs) -> torch.Tensor:
+    """The next token of each row of logits [B, V] under the rows' sampling settings (rows: the same B slots)."""
     if mode == "greedy":
         return greedy_tokens(logits)
     if mode == "sample":
-        return sample_tokens(logits, x.temperature, x.seed, x.index)
-    return filtered_sample_tokens(logits, x.temperature, x.top_k, x.top_p, x.seed, x.index)
+        return sample_tokens(logits, rows.temperature, rows.seed, rows.index)
+    return filtered_sample_tokens(logits, rows.temperature, rows.top_k, rows.top_p, rows.seed, rows.index)
 
 
 class DecodeStep:
-    """The step for one batch bucket (the first `batch` slots). Its three methods are the sampling modes: each
-    is its own function, so each compiles (or is captured) on its own."""
+    """The step for one batch bucket (the first `batch` slots); `run(mode, span)` for each sampling mode."""
 
     def __init__(self, model: torch.nn.Module, cache: KVCache, inputs: StepInputs, batch: int):
         self.model, self.batch = model, batch
         self.cache, self.inputs = cache.prefix(batch), inputs.rows(0, batch)
         self.view = DecodeView(self.cache, self.inputs.positions, model.config.sliding_window)
 
-    def _logits(self, span: int) -> torch.Tensor:
-        self.view.begin_step(span)
-        return self.model.decode(self.inputs.tokens, self.inputs.positions, self.view).float()
-
-    def _advance(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.inputs
-        tokens = self.model.tp.from_first_rank(tokens)  # tensor parallel: every rank feeds rank 0's tokens
-        x.tokens.copy_(tokens)  # the next step's input, without a trip through the host
-        self.cache.advance(x.active)
-        x.positions.add_(x.active)
-        x.index.add_(x.active)
-        return x.tokens
-
-    def greedy(self, span: int) -> torch.Tensor:
-        return self._advance(next_tokens("greedy", self._logits(span), self.inputs))
-
-    def sample(self, span: int) -> torch.Tensor:
-        return self._advance(next_tokens("sample", self._logits(span), self.inputs))
-
-    def filtered(self, span: int) -> torch.Tensor:
-        return self._advance(next_tokens("filtered", self._logits(span), self.inputs))
+    def run(self, mode: str, span: int) -> torch.Tensor:
+        inputs = self.inputs
+        self.view.span = span
+        logits = self.model.decode(inputs.tokens, inputs.positions, self.view).float()
+        inputs.tokens.copy_(next_tokens(mode, logits, inputs))  # the next step's input, not through the host
+        self.cache.advance(inputs.active)
+        inputs.positions.add_(inputs.active)
+        inputs.index.add_(inputs.active)
+        return inputs.tokens
 
 
 def graph_capture_supported(device: torch.device) -> bool:

@@ -29,3 +29,7 @@ class SessionBusy(EngineError):
 
 class SessionClosed(EngineError):
     """The conversation was closed (or its turn aborted by closing it)."""
+
+
+class EngineFailure(RuntimeError):
+    """The engine itself has stopped (a tensor-parallel rank died): every later call fails with this."""

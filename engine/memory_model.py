@@ -1,24 +1,11 @@
-"""Memory model: predict the peak memory a prefill adds on top of the loaded weights and the static cache, so that
-an impossible request is refused with the figure and what would fit, before it starts, instead of crashing
-mid-prefill; and the whole picture for an engine (cache + the longest prefill), for benchmarks and planning.
+"""Memory model: the peak memory a prefill adds beyond the weights and the static cache, predicted before it starts,
+so an impossible request is refused with the figure and what would fit instead of crashing mid-prefill.
 
-The static cache is slots x capacity x (2 x layers x kv_heads x head_dim) x dtype, compressed by SnapKV and
-allocated once (int8: one byte a value plus a float32 scale per entry, kv head and K or V). The prefill is layer-major and chunked (models.llama.DecoderLayer.prefill), so its peak is a sum
-of terms that each grow with at most one factor of the prompt length T:
-    residual stream   T x hidden x dtype, updated in place                               (one prompt at a time)
-    RoPE tables       T x head_dim x (2 x dtype + fp32 temporaries)
-    one layer's K/V   2 x T x kv_heads x head_dim x dtype                                (never all layers)
-    attention mask    on CPU, SDPA materializes the lower-right causal mask of a query chunk, chunk x T (two
-                      float copies plus a bool one, measured); on CUDA the fused kernels apply a causal mask
-                      without building it, and only a sliding window's is built: a bool one and the memory-efficient
-                      kernel's additive copy of it, chunk x (window + chunk)
-    repeated K/V      on CUDA where a fused kernel cannot take GQA (models.attention.prefill_repeats_kv: float32, a
-                      pre-Ampere GPU, a sliding window), one chunk's keys and values repeated to the query heads
-    then the largest of: a chunk's working set (norms, q, attention, MLP: chunk x ~(4 hidden + 3 heads x head_dim
-    + 3 intermediate)) or SnapKV's scoring of the window (fp32 scores and softmax of one kv group,
-    [group, window, T], plus [heads, T] votes and their pooled copies, and the sort of [kv_heads, T] scores)
-plus the last position's logits. A 30% margin and 64 MiB cover allocator slack: glibc keeps freed chunk buffers
-in its heap, and the measured resident peak ran up to 1.5x the sum at 16K tokens on CPU.
+The prefill is layer-major and chunked, so its peak is a sum of terms that each grow with at most one factor of the
+prompt length T (the residual stream, RoPE tables, one layer's K/V, the causal mask SDPA builds on CPU or a
+sliding window's on CUDA, K/V repeated for a kernel without GQA, and the larger of a chunk's working set and
+SnapKV's scoring of the window), plus the last logits, with a 30% margin and 64 MiB for allocator slack (the
+measured resident peak ran up to 1.5x the sum at 16K tokens on CPU).
 """
 
 from __future__ import annotations
@@ -68,16 +55,6 @@ def predict_prefill_peak(cfg: ModelConfig, prompt_len: int, dtype_bytes: int, ch
         "logits": cfg.vocab_size * (e + FP32),
     }
     return MemoryEstimate(int(MARGIN * sum(parts.values())) + SLACK, parts)
-
-
-def predict_generation_peak(cfg: ModelConfig, prompt_len: int, capacity: int, batch: int, dtype_bytes: int,
-                            chunk: int, window: int = 0, device_type: str = "cpu",
-                            repeat_kv: bool = False, kv_int8: bool = False) -> MemoryEstimate:
-    """The whole picture for one engine: a static cache of `capacity` entries for `batch` slots (int8 with its
-    scales when kv_int8), plus the prefill of the longest prompt."""
-    prefill = predict_prefill_peak(cfg, prompt_len, dtype_bytes, chunk, window, device_type, repeat_kv)
-    cache = batch * capacity * cfg.kv_bytes_per_token(dtype_bytes, kv_int8)
-    return MemoryEstimate(prefill.total + int(MARGIN * cache), {"KV cache": cache, **prefill.parts})
 
 
 def longest_prompt_that_fits(cfg: ModelConfig, free_bytes: int, dtype_bytes: int, chunk: int, window: int = 0,

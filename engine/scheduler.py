@@ -1,16 +1,11 @@
 """Scheduler: the waiting queue and the cache slots — continuous batching.
 
-The cache has a fixed number of slots. A request waits until a slot is free; each engine step admits waiting
-requests into free slots (the lowest free slot first, so live slots stay packed at the front and the decode
-step's batch bucket stays small) and prefills them before decoding every live slot. A step prefills either short
-prompts, oldest first, as many as fit a per-step token budget, or one long prompt (over the budget) alone; short
-ones go first, but a long one that was passed over gets the next step. So a short request that arrives behind
-long ones waits for at most the long prefill in progress, and a long one is never starved. A finished or aborted
-request frees its slot at once, and the next waiting request takes it at the next step while the others keep
-decoding. A conversation (engine.session) reserves a slot and keeps it between turns; each of its turns is
-admitted into that slot, never a free one. Whether a request can ever fit a slot (its cache entries, its prefill
-memory) is decided when it is added, by the `admission_check` the engine passes in (engine.memory_model), so a
-refusal comes before anything runs and never disturbs the other requests.
+Each step admits waiting requests into free slots (the lowest first, so live slots stay packed at the front and
+the decode step's batch bucket small): either short prompts, oldest first, as many as fit a per-step token budget,
+or one long prompt alone; a long one passed over gets the next step, so none starves. A finished request frees its
+slot at once. A slot can be reserved (a conversation keeps one between its turns): requests placed in it are
+admitted there, never into a free one. Whether a request can ever fit is decided when it is added, by the engine's
+`admission_check`, so a refusal comes before anything runs.
 """
 
 from __future__ import annotations
@@ -42,39 +37,39 @@ class Scheduler:
     def admit(self) -> list[Sequence]:
         """Move waiting requests into free slots (a conversation's turn: into its own slot) for this step's
         prefill."""
-        if not self.waiting or (not self.free_slots and all(seq.pinned_slot is None for seq in self.waiting)):
+        if not self.waiting or (not self.free_slots and all(seq.placement.slot is None for seq in self.waiting)):
             return []
         budget, free = self.prefill_token_budget, len(self.free_slots)
         shorts, tokens = [], 0
         for seq in self.waiting:
-            n, pinned = len(seq.prompt_token_ids), seq.pinned_slot is not None
+            n, pinned = len(seq.prompt_token_ids), seq.placement.slot is not None
             if n <= budget and tokens + n <= budget and (pinned or free > 0):
                 shorts.append(seq)
                 tokens += n
                 free -= not pinned
         longs = [seq for seq in self.waiting if len(seq.prompt_token_ids) > budget
-                 and (seq.pinned_slot is not None or self.free_slots)]
+                 and (seq.placement.slot is not None or self.free_slots)]
         if shorts and not (self.long_owed and longs):
             chosen, self.long_owed = shorts, bool(longs)
         else:
             chosen, self.long_owed = longs[:1], False
         for seq in chosen:
             self.waiting.remove(seq)
-            seq.slot = seq.pinned_slot if seq.pinned_slot is not None else heapq.heappop(self.free_slots)
+            seq.slot = seq.placement.slot if seq.placement.slot is not None else heapq.heappop(self.free_slots)
             seq.status = Status.RUNNING
             self.running[seq.slot] = seq
         return chosen
 
     def release(self, seq: Sequence) -> None:
-        """A finished or aborted request gives its slot back (a conversation's turn leaves it to the session)."""
+        """A finished or aborted request gives its slot back (a reserved slot stays reserved)."""
         if seq.slot is not None and self.running.get(seq.slot) is seq:
             del self.running[seq.slot]
-            if seq.pinned_slot is None:
+            if seq.placement.slot is None:
                 heapq.heappush(self.free_slots, seq.slot)
         seq.slot = None
 
     def reserve_slot(self) -> int | None:
-        """Take a free slot for a conversation, which holds it between turns; None if none is free."""
+        """Take a free slot out of the pool until unreserve_slot (None if none is free)."""
         if not self.free_slots:
             return None
         self.reserved += 1
@@ -92,10 +87,6 @@ class Scheduler:
 
     def remove_waiting(self, seq: Sequence) -> None:
         self.waiting.remove(seq)
-
-    def batch_slots(self) -> int:
-        """Slots the next decode step must cover: up to the highest live slot."""
-        return max(self.running) + 1 if self.running else 0
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)

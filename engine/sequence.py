@@ -1,5 +1,5 @@
-"""Sequence: one request's state from arrival to finish — its prompt, sampling settings and selection policy, the
-cache slot it holds, the tokens and text generated so far, why it stopped, and its statistics. RequestOutput is
+"""Sequence: one request's state from arrival to finish (its prompt, sampling settings and selection policy, the
+slot it holds, the tokens and text so far, why it stopped) and the one owner of its statistics; RequestOutput is
 what callers see of it after each engine step."""
 
 from __future__ import annotations
@@ -44,14 +44,27 @@ class Status(Enum):
     FINISHED = "finished"
 
 
+@dataclass
+class Placement:
+    """Where a request's prefill goes, beyond the defaults (any free slot, positions from 0, a plain prefill): a
+    slot reserved for it (`LLM.reserve_slot`), the position of its first token, and a continued prefill (a
+    factory of the view that supplies the `held` entries the slot holds already, e.g. sessions.ContinuedPrefill)."""
+    slot: int | None = None
+    start: int = 0
+    held: int = 0
+    view: Callable | None = None
+
+
 class Sequence:
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, seed: int,
                  policy: SelectionPolicy, detokenizer: IncrementalDetokenizer, eos_ids: set[int],
-                 return_kept: bool = False, progress: ProgressFn | None = None, mailbox: deque | None = None):
+                 return_kept: bool = False, progress: ProgressFn | None = None, mailbox: deque | None = None,
+                 placement: Placement | None = None, on_finish: Callable[[Sequence], None] | None = None):
         self.request_id, self.prompt_token_ids, self.params, self.seed = request_id, prompt_token_ids, params, seed
         self.policy, self.detokenizer, self.eos_ids = policy, detokenizer, eos_ids
         self.return_kept, self.progress = return_kept, progress
         self.mailbox = mailbox  # set for requests of generate()/stream(): their outputs go there, not to step()
+        self.placement, self.on_finish = placement or Placement(), on_finish
         self.status = Status.WAITING
         self.slot: int | None = None
         self.token_ids: list[int] = []
@@ -59,28 +72,23 @@ class Sequence:
         self.finish_reason: str | None = None
         self.error: str | None = None  # set with finish_reason "error": what went wrong while it ran
         self.cache_entries = 0  # host mirror of the slot's cache length: what the decode span must cover
-        self.kept: list[torch.Tensor] | None = None
+        self.view = None  # the prefill's cache view, once prefilled (what it kept, per layer and kv head)
         self.arrival = time.perf_counter()
         self.first_token_at: float | None = None
         self.stats: dict = {"prompt_tokens": len(prompt_token_ids)}
-        # a conversation's turn (engine.session): the session, the slot it holds, and per layer the positions of
-        # the entries that slot holds already; the turn's tokens continue at start_position
-        self.session = None
-        self.pinned_slot: int | None = None
-        self.past_positions: list[torch.Tensor] | None = None
-        self.start_position = 0
-        self.past_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # a full-history session's K/V
-        self.turn_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # ...and this turn's, once prefilled
 
     @property
     def candidates(self) -> int:
-        """Entries the prefill chooses from: the held ones (a conversation's later turn) and the new tokens."""
-        past = max((p.shape[-1] for p in self.past_positions), default=0) if self.past_positions else 0
-        return past + len(self.prompt_token_ids)
+        """Entries the prefill chooses from: those its slot holds already (a continued prefill) and the new ones."""
+        return self.placement.held + len(self.prompt_token_ids)
 
     @property
     def kept_length(self) -> int:
         return self.policy.kept_length(self.candidates)
+
+    @property
+    def kept(self) -> list[torch.Tensor] | None:
+        return self.view.kept if self.view is not None else None
 
     @property
     def sampling_mode(self) -> str:
@@ -89,6 +97,9 @@ class Sequence:
         if p.greedy:
             return "greedy"
         return "filtered" if p.top_k > 0 or p.top_p < 1.0 else "sample"
+
+    def record(self, **stats) -> None:
+        self.stats.update(stats)
 
     def append(self, token: int) -> None:
         """Take one generated token; decide on the host whether the request is done (eos, stop string, length)."""
@@ -104,13 +115,13 @@ class Sequence:
         if self.progress is not None:
             self.progress("decode", len(self.token_ids), self.params.max_tokens)
 
-    def finish(self, reason: str) -> None:
-        self.finish_reason = reason
+    def finish(self, reason: str, error: str | None = None) -> None:
+        self.finish_reason, self.error = reason, error
         self.status = Status.FINISHED
         self.detokenizer.finish()
-        generated = len(self.token_ids)
-        self.stats.update(generated_tokens=generated,
-                          decode_s=time.perf_counter() - self.first_token_at if self.first_token_at else 0.0)
+        self.record(generated_tokens=len(self.token_ids),
+                    decode_s=time.perf_counter() - self.first_token_at if self.first_token_at else 0.0,
+                    ttft_s=self.first_token_at - self.arrival if self.first_token_at else None)
 
     def output(self) -> RequestOutput:
         """What happened since the last output: new tokens and new text (held back while it might be the start

@@ -1,15 +1,15 @@
 """The Llama/Mistral network: RMSNorm, RoPE (default, linear, llama3), GQA attention, SwiGLU MLP, sliding window.
 
-Module names mirror HF transformers (model.layers.N.self_attn.q_proj, ...), so an HF safetensors state dict loads
-as is. Two entry points: `forward` prefills a prompt layer-major (one path, chunked or not) and hands each layer's
-post-RoPE K/V to the cache view's `store`; `decode` runs one token per sequence and lets the view's `attend` store
-its K/V and attend over the cache. The model never stores anything itself and knows no selection policy: the
-`AttentionContext` (a cache view supplied by the engine) decides what is kept. With no context, `forward` is plain
-causal attention over the prompt — the reference path that the parity tests compare with HF.
+Module names mirror HF transformers (model.layers.N.self_attn.q_proj, ...), so an HF state dict loads as is. Two
+entry points: `prefill` runs a prompt layer-major and hands each layer's post-RoPE K/V to the cache view's `store`;
+`decode` runs one token per sequence and lets the view's `attend` store its K/V and attend over the cache. The
+model stores nothing and knows no selection policy: the `AttentionContext`, a cache view the engine supplies,
+decides what is kept. With no context, `prefill` is plain causal attention (what parity tests compare with HF).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Protocol
 
@@ -19,7 +19,6 @@ from torch import nn
 
 from models.attention import prefill_attention
 from models.config import ModelConfig
-from models.parallel import SINGLE, TensorParallel
 
 
 class AttentionContext(Protocol):
@@ -92,18 +91,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    """cfg: this rank's shape (models.parallel.shard_config): its query and kv heads; o_proj's partial output is
-    summed over the ranks."""
-
-    def __init__(self, cfg: ModelConfig, layer: int, tp: TensorParallel = SINGLE):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.layer, self.tp = layer, tp
+        self.layer = layer
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.sliding_window = cfg.sliding_window
         self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=False)
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
-        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)  # row-parallel
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
 
     def project_q(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
@@ -117,38 +113,37 @@ class Attention(nn.Module):
 
     def output(self, attention: torch.Tensor) -> torch.Tensor:
         b, _, t, _ = attention.shape
-        return self.tp.all_reduce(self.o_proj(attention.transpose(1, 2).reshape(b, t, -1)))
+        return self.o_proj(attention.transpose(1, 2).reshape(b, t, -1))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        """Decode: one new token per sequence; the cache view stores its k/v and attends over the cache."""
+    def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        """One new token per sequence; the cache view stores its k/v and attends over the cache."""
         q = self.project_q(x, cos, sin)
         k, v = self.project_kv(x, cos, sin)
         return self.output(ctx.attend(self.layer, q, k, v))
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: TensorParallel = SINGLE):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.tp = tp
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, tp: TensorParallel = SINGLE):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.self_attn = Attention(cfg, layer, tp)
-        self.mlp = MLP(cfg, tp)
+        self.self_attn = Attention(cfg, layer)
+        self.mlp = MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        """Decode step: x [B, 1, hidden]."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
+    def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        """One decode step: x [B, 1, hidden]."""
+        x = x + self.self_attn.decode(self.input_layernorm(x), cos, sin, ctx)
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def prefill(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext | None,
@@ -184,37 +179,35 @@ class DecoderLayer(nn.Module):
 
 
 class Backbone(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: TensorParallel = SINGLE):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)  # replicated on every rank
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, tp) for i in range(cfg.num_layers))
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class LlamaForCausalLM(nn.Module):
-    """Llama and Mistral (Mistral = Llama + sliding-window attention). Under tensor parallelism (models.parallel)
-    cfg is this rank's shape and `tp` its group; a vocab-parallel lm_head holds this rank's rows of the vocabulary
-    (tied: a view of the embedding's) and the logits are gathered."""
+    """Llama and Mistral (Mistral = Llama + sliding-window attention)."""
 
-    def __init__(self, cfg: ModelConfig, tp: TensorParallel = SINGLE):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.config, self.tp = cfg, tp
-        self.model = Backbone(cfg, tp)
+        self.config = cfg
+        self.model = Backbone(cfg)
         self.rotary = RotaryEmbedding(cfg)
-        self.vocab_parallel = tp.vocab_parallel_for(cfg.vocab_size)
-        vocab = cfg.vocab_size // tp.size if self.vocab_parallel else cfg.vocab_size
-        self.lm_head = nn.Linear(cfg.hidden_size, vocab, bias=False)
-        if cfg.tie_word_embeddings and not self.vocab_parallel:
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+    def forward(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        return self.prefill(input_ids, **kwargs)
+
+    def prefill(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 ctx: AttentionContext | None = None, last_only: bool = False,
                 chunk_size: int | None = None) -> torch.Tensor:
-        """Prefill: input_ids [B, T] (positions default to 0..T-1) -> logits [B, T, V] (or [B, 1, V] with
-        last_only).
+        """input_ids [B, T] (positions default to 0..T-1) -> logits [B, T, V] (or [B, 1, V] with last_only).
         Layer-major: the whole prompt goes through one layer before the next, in query chunks of `chunk_size`
         (default: the whole prompt), so memory is bounded by one layer's K/V plus the [T, hidden] residual
-        stream; each layer hands its K/V to `ctx.store`. Without ctx it is the plain causal forward."""
+        stream; each layer hands its K/V to `ctx.store`."""
         t = input_ids.shape[1]
         if positions is None:
             positions = torch.arange(t, device=input_ids.device).expand_as(input_ids)
@@ -227,13 +220,22 @@ class LlamaForCausalLM(nn.Module):
         return self.logits(x)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(self.model.norm(x))
-        return self.tp.gather_vocab(logits) if self.vocab_parallel else logits
+        return self.lm_head(self.model.norm(x))
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         """One token per sequence: tokens, positions [B] -> logits [B, V]; K/V go to and come from `ctx`."""
         x = self.model.embed_tokens(tokens[:, None])
         cos, sin = self.rotary(positions[:, None], x.dtype)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, ctx)
+            x = layer.decode(x, cos, sin, ctx)
         return self.logits(x)[:, 0]
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of every weight the model holds (quantized ones with their scales), each shared tensor once."""
+    seen, total = set(), 0
+    for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
+        if t.data_ptr() not in seen and not name.startswith("rotary."):
+            seen.add(t.data_ptr())
+            total += t.nbytes
+    return total

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import logging
 import socket
-from pathlib import Path
 from typing import Optional
 
 import typer
 
-import cli
-from engine import LLM
 from engine.kv_cache import format_bytes
+from options import EngineFlags, UserError, engine_options, run_app
 from server.app import Limits, create_app
 from server.guards import default_allowed_hosts, guarded_protocol
 from server.schema import SNAPKV_FIELDS
@@ -25,12 +23,11 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
 
 @app.command(help="Serve /v1/chat/completions (with conversations by session_id), /v1/completions, /v1/models, "
              "/v1/sessions/{id}, /health, /metrics, and a chat page at /.")
+@engine_options
 def serve_command(
-    model: Optional[Path] = cli.MODEL,
     host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
     port: int = typer.Option(8000, help="Port to listen on."),
     max_batch_size: int = typer.Option(8, "--max-batch-size", help="Cache slots: requests decoded together."),
-    max_kv_len: Optional[int] = cli.MAX_KV_LEN,
     max_waiting: int = typer.Option(256, "--max-waiting", help="Requests that may wait for a slot; more get 429."),
     max_sessions: Optional[int] = typer.Option(None, "--max-sessions", help="Conversations (session_id) kept open "
                                                "at once, each holding a cache slot; more get 429. Below "
@@ -61,55 +58,36 @@ def serve_command(
                                                     show_default="the model's file or directory name"),
     shutdown_timeout: float = typer.Option(10.0, "--shutdown-timeout", help="On SIGTERM, seconds running "
                                            "requests get to finish before they are cancelled."),
-    budget: int = cli.BUDGET,
-    no_snapkv: bool = cli.NO_SNAPKV,
-    window: int = cli.WINDOW,
-    kernel: int = cli.KERNEL,
-    pooling: cli.Pooling = cli.POOLING,
-    group_agg: cli.GroupAgg = cli.GROUP_AGG,
-    policy: cli.Policy = cli.POLICY,
-    sink_tokens: Optional[int] = cli.SINK_TOKENS,
-    device: cli.Device = cli.DEVICE,
-    dtype: cli.DType = cli.DTYPE,
-    weights_dtype: cli.WeightsDType = cli.WEIGHTS_DTYPE,
-    kv_dtype: cli.KVDType = cli.KV_DTYPE,
-    cuda_graph: bool = cli.CUDA_GRAPH,
-    compile_step: bool = cli.COMPILE,
-    prefill_chunk: Optional[int] = cli.PREFILL_CHUNK,
-    allow_longer_context: bool = cli.ALLOW_LONGER_CONTEXT,
-    tensor_parallel: int = cli.TENSOR_PARALLEL,
+    engine: EngineFlags = None,
 ):
     import uvicorn
 
     if not 0 < port < 65536:
-        raise cli.UserError(f"--port must be in 1..65535 (got {port})")
+        raise UserError(f"--port must be in 1..65535 (got {port})")
     if max_batch_size < 1:
-        raise cli.UserError(f"--max-batch-size must be at least 1 (got {max_batch_size})")
+        raise UserError(f"--max-batch-size must be at least 1 (got {max_batch_size})")
     for flag, value in (("--max-waiting", max_waiting), ("--limit-concurrency", limit_concurrency),
                         ("--max-sessions-per-key", max_sessions_per_key), ("--max-request-bytes", max_request_bytes)):
         if value is not None and value < 1:
-            raise cli.UserError(f"{flag} must be at least 1 (got {value})")
+            raise UserError(f"{flag} must be at least 1 (got {value})")
     if max_sessions is not None and not 0 <= max_sessions < max_batch_size:
-        raise cli.UserError(f"--max-sessions must be in 0..{max_batch_size - 1}, below --max-batch-size, so that "
+        raise UserError(f"--max-sessions must be in 0..{max_batch_size - 1}, below --max-batch-size, so that "
                             f"one slot always serves one-shot requests (got {max_sessions})")
     for flag, value in (("--session-ttl", session_ttl), ("--read-timeout", read_timeout),
                         ("--timeout-keep-alive", timeout_keep_alive)):
         if not value > 0:
-            raise cli.UserError(f"{flag} must be > 0 seconds (got {value})")
+            raise UserError(f"{flag} must be > 0 seconds (got {value})")
     if shutdown_timeout < 0:
-        raise cli.UserError(f"--shutdown-timeout must be >= 0 (got {shutdown_timeout})")
+        raise UserError(f"--shutdown-timeout must be >= 0 (got {shutdown_timeout})")
     keys = [k.strip() for entry in api_key or [] for k in entry.split(",") if k.strip()]
     hosts = default_allowed_hosts(host) if allowed_hosts is None else \
         [h.strip() for h in allowed_hosts.split(",") if h.strip()]
-    model_path = cli.resolve_model(model)
+    model_path = engine.model_path
     check_port_free(host, port)  # before the model loads, so a taken port fails in a second
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
-    snapkv = cli.snapkv_from_flags(no_snapkv, budget, window, kernel, pooling, group_agg, policy, sink_tokens)
+    snapkv = engine.snapkv
     log.info("loading %s", model_path)
-    llm = LLM(model_path, device=device.value, dtype=dtype.value, snapkv=snapkv, max_batch_size=max_batch_size,
-              max_kv_len=max_kv_len, cuda_graph=cuda_graph, compile=compile_step, prefill_chunk_size=prefill_chunk,
-              allow_longer_context=allow_longer_context,
-              weights_dtype=weights_dtype.value, kv_dtype=kv_dtype.value, tensor_parallel_size=tensor_parallel)
+    llm = engine.build(max_batch_size=max_batch_size)
     name = served_model_name or (model_path.stem if model_path.suffix == ".gguf" else model_path.name)
     cfg = llm.config
     log.info("model %s: %d layers, %d kv heads x %d, %s on %s; max %d positions", name, cfg.num_layers,
@@ -140,7 +118,7 @@ def serve_command(
                                            timeout_graceful_shutdown=shutdown_timeout + 5))
     server.run()
     if not server.started:
-        raise cli.UserError(f"the server did not start on {host}:{port} (see the log above)")
+        raise UserError(f"the server did not start on {host}:{port} (see the log above)")
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -150,7 +128,7 @@ def check_port_free(host: str, port: int) -> None:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind((host, port))
     except OSError as e:
-        raise cli.UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
 def describe_snapkv(cfg: SnapKVConfig | None) -> str:
@@ -160,4 +138,4 @@ def describe_snapkv(cfg: SnapKVConfig | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli.run_app(app, argv)
+    return run_app(app, argv)

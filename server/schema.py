@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from engine import SamplingParams
 from engine.errors import InvalidRequest, NoCapacity, PromptTooLong, SessionBusy, SessionClosed
-from engine.llm import ENGINE_POLICY
+from engine.llm import ENGINE_DEFAULT
 from engine.tokenizer import check_text
 from snapkv.config import SnapKVConfig
 
@@ -166,7 +166,7 @@ def request_snapkv(field, engine_default: SnapKVConfig | None):
     """The body's "snapkv" field as the engine takes it: absent or true -> the server's settings; false -> the
     full cache; an object -> those settings, the ones it leaves out taken from the server's (or the defaults)."""
     if field is None or field is True:
-        return ENGINE_POLICY
+        return ENGINE_DEFAULT
     if field is False:
         return None
     unknown = sorted(set(field) - set(SNAPKV_FIELDS))

@@ -13,9 +13,10 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from engine import LLM, ChatSession, SamplingParams
-from engine.llm import ENGINE_POLICY
+from engine import LLM, SamplingParams
+from engine.llm import ENGINE_DEFAULT
 from server.schema import APIError
+from sessions import ChatSession
 
 log = logging.getLogger("snapkv.serve")
 
@@ -23,7 +24,7 @@ log = logging.getLogger("snapkv.serve")
 @dataclass
 class Open:
     session: ChatSession
-    settings: object  # the snapkv settings it started with (ENGINE_POLICY: the server's)
+    settings: object  # the snapkv settings it started with (ENGINE_DEFAULT: the server's)
     quota: str  # whose per-key limit it counts against
     used: float
 
@@ -51,10 +52,11 @@ class Sessions:
         if messages[-1]["role"] != "user":
             raise APIError(400, "a session's turn ends with a user message", "messages", "invalid_value")
         self.check_limits(quota)
-        session = self.llm.chat_session(snapkv=snapkv)  # NoCapacity when no slot is free
+        settings = self.llm.snapkv if snapkv is ENGINE_DEFAULT else snapkv
+        # a turn that does not complete leaves no trace; NoCapacity when no slot is free
+        session = ChatSession(self.llm, snapkv=settings, keep_aborted_turns=False)
         try:
-            session.keep_aborted_turns = False  # a turn that does not complete leaves no trace
-            session.messages = messages[:-1]
+            session.begin_with(messages[:-1])
             seq = session.add_turn(messages[-1]["content"], params, request_id=rid, fill_max_tokens=fill_max_tokens)
         except BaseException:
             session.close()
@@ -64,7 +66,7 @@ class Sessions:
 
     @staticmethod
     def check_extends(entry: Open, session_id: str, messages: list[dict], snapkv) -> None:
-        if snapkv is not ENGINE_POLICY and snapkv != entry.settings:
+        if snapkv is not ENGINE_DEFAULT and snapkv != entry.settings:
             raise APIError(400, f"session {session_id!r} keeps the snapkv settings it started with; leave snapkv out "
                            "or start a new session", "snapkv", "invalid_value")
         history = entry.session.history

@@ -1,7 +1,5 @@
-"""Selection policies behind one interface, so SnapKV can be compared honestly with the alternatives: `full`
-(keep everything), `streaming` (StreamingLLM: attention sinks + the most recent tokens), `snapkv`, `adakv` and
-`pyramidkv` (SnapKV's votes with per-head or per-layer budgets), `tova` (the last token's attention) and
-`keynorm` (the lowest key norms).
+"""Selection policies behind one interface: `full` (keep everything) and `snapkv` here, the alternatives it is
+compared with (streaming, adakv, pyramidkv, tova, keynorm) in snapkv.alternatives.
 
 A policy maps one layer's prefill q and k [B, Hkv, T, D] to the indices [B, Hkv, n] of the entries to keep (in
 position order; rows padded with -1 when heads keep different numbers), or None to keep all T. q holds at least
@@ -12,12 +10,10 @@ neither vote for nor keep those: they choose among the visible keys only.
 
 from __future__ import annotations
 
-import math
 from typing import Protocol
 
 import torch
 
-from snapkv.allocation import ADAKV_CAP, adakv_mask, mask_positions, pyramid_budgets
 from snapkv.config import SnapKVConfig
 from snapkv.select import snapkv_scores, top_positions
 
@@ -83,14 +79,6 @@ class Compressing:
         return top_positions(self.with_sinks(scores), count)
 
 
-class StreamingLLM(Compressing):
-    def choose(self, q, k, budget):
-        b, hkv, t, _ = k.shape
-        sinks = self.cfg.sinks
-        idx = torch.cat([torch.arange(sinks, device=k.device), torch.arange(t - budget + sinks, t, device=k.device)])
-        return idx.expand(b, hkv, budget)
-
-
 class SnapKV(Compressing):
     """The last `window` queries vote (snapkv.select); the best `budget - window` prefix positions are kept with
     the window itself."""
@@ -108,55 +96,7 @@ class SnapKV(Compressing):
         return torch.cat([picks, self.window_positions(k, picks.shape[:2])], dim=-1)
 
 
-class PyramidKV(SnapKV):
-    def __init__(self, cfg: SnapKVConfig, num_layers: int = 1, sliding_window: int | None = None):
-        super().__init__(cfg, num_layers, sliding_window)
-        w = cfg.window
-        self.budgets = [w + n for n in pyramid_budgets(cfg.budget - w, num_layers)]
-
-    def layer_budget(self, layer: int) -> int:
-        return self.budgets[layer]
-
-
-class AdaKV(SnapKV):
-    def most_per_head(self) -> int:
-        w = self.cfg.window
-        return w + int(ADAKV_CAP * (self.cfg.budget - w))
-
-    def choose(self, q, k, budget):
-        scores = self.with_sinks(snapkv_scores(q, k, self.cfg))
-        picks = mask_positions(adakv_mask(scores, budget - self.cfg.window))
-        # each row: its picks (then -1 padding), the window moved in front of the padding
-        window = self.window_positions(k, picks.shape[:2])
-        keep = torch.cat([picks, window], dim=-1)
-        return keep.gather(-1, torch.sort((keep < 0).to(torch.int8), dim=-1, stable=True).indices)
-
-
-class TOVA(Compressing):
-    """Oren et al.: the last prompt token's attention, averaged over all query heads of the layer, ranks every
-    position (one choice for all kv heads of the layer, as in the paper and kvpress); the last token stays."""
-
-    queries_needed = 1
-
-    def choose(self, q, k, budget):
-        b, hkv, t, d = k.shape
-        group = q.shape[1] // hkv
-        last = q[:, :, -1:].float().view(b, hkv, group, d)
-        attention = (torch.einsum("bhgd,bhtd->bhgt", last, k.float()) / math.sqrt(d)).softmax(dim=-1)
-        scores = attention.mean(dim=(1, 2))[:, None].expand(b, hkv, t).clone()
-        scores[..., -1] = float("inf")
-        return self.top(scores, budget)
-
-
-class KeyNorm(Compressing):
-    """Devoto et al. (kvpress's KnormPress): keys with the smallest L2 norm draw the most attention; keep those."""
-
-    def choose(self, q, k, budget):
-        return self.top(-k.float().norm(dim=-1), budget)
-
-
-POLICY_CLASSES = {"snapkv": SnapKV, "adakv": AdaKV, "pyramidkv": PyramidKV, "tova": TOVA, "keynorm": KeyNorm,
-                  "streaming": StreamingLLM}
+POLICY_CLASSES: dict[str, type[Compressing]] = {"snapkv": SnapKV}  # and the alternatives (snapkv.alternatives)
 
 
 def make_policy(cfg: SnapKVConfig | None, num_layers: int = 1, sliding_window: int | None = None) -> SelectionPolicy:

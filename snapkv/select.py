@@ -4,7 +4,7 @@ score: the last `window` queries (post-RoPE) attend, in fp32 and causally inside
 their attention is summed over the window queries into one vote per prefix position and query head, smoothed by
 1-D pooling (stride 1, same length), and the query heads of one kv group are aggregated, so selection happens
 per kv head (GQA-native: a Llama-3-style model stores Hkv heads, never repeated ones).
-select: the top `budget - window` prefix positions per kv head, in position order, followed by the window.
+selection (snapkv.policies.SnapKV): the top `budget - window` prefix positions per kv head, then the window.
 """
 
 from __future__ import annotations
@@ -60,14 +60,3 @@ def top_positions(scores: torch.Tensor, count: int) -> torch.Tensor:
     (a stable sort), so the choice is deterministic even on max-pooling plateaus."""
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
     return order[..., :count].sort(dim=-1).values
-
-
-def snapkv_select(q: torch.Tensor, k: torch.Tensor, cfg: SnapKVConfig) -> torch.Tensor | None:
-    """Indices [B, Hkv, budget] of the entries to keep (prefix picks then the window), or None if T <= budget.
-    Only the last `window` queries of q are used."""
-    t = k.shape[2]
-    if t <= cfg.budget:
-        return None
-    picks = top_positions(snapkv_scores(q, k, cfg), cfg.budget - cfg.window)
-    window = torch.arange(t - cfg.window, t, device=k.device).expand(*picks.shape[:2], cfg.window)
-    return torch.cat([picks, window], dim=-1)

@@ -8,6 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+import fastattn  # noqa: F401
+import formats  # noqa: F401  the wings, for a source tree that is not installed (the GPU machine's test run)
+import parallel  # noqa: F401
+import quant  # noqa: F401
+import sessions  # noqa: F401
+
 ROOT = Path(__file__).resolve().parents[1]
 SMOL_DIR = ROOT / "weights" / "SmolLM2-135M-Instruct"
 SMOL_GGUF = ROOT / "weights" / "SmolLM2-135M-Instruct.Q4_1.gguf"

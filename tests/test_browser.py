@@ -13,11 +13,10 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import time
 
 import pytest
 
-from engine.compare import first_difference, matched_tokens
+from compare import first_difference, matched_tokens
 from kept_view import write_kept_report
 from tests.conftest import ROOT
 from tests.test_server import Server
@@ -295,7 +294,7 @@ def test_a_refused_or_failed_request_shows_a_visible_message(browser, server, ca
     WebDriverWait(browser, 10).until(lambda d: error.is_displayed())
     assert state == "failed" and error.text.startswith(expected), error.text
     if case == "prompt too long":
-        assert f"max_kv_len >= " in error.text and "cache entries" in error.text
+        assert "max_kv_len >= " in error.text and "cache entries" in error.text
     # the question is back in the box to send again, and the failed turn is not part of the conversation
     assert browser.find_element(By.ID, "question").get_property("value") == QUESTION
     assert browser.execute_script("return state.messages.length") == 0

@@ -6,6 +6,7 @@ import subprocess
 import pytest
 
 import cli
+import options
 from tests.conftest import ROOT
 
 
@@ -92,7 +93,7 @@ def test_bad_inputs_exit_2_with_one_line(capsys, smol_dir, prompt_file, tmp_path
 
 
 def test_default_model_hint(capsys, prompt_file, monkeypatch, tmp_path):
-    monkeypatch.setattr(cli, "DEFAULT_MODEL", tmp_path / "weights" / "SmolLM2-135M-Instruct")
+    monkeypatch.setattr(options, "DEFAULT_MODEL", tmp_path / "weights" / "SmolLM2-135M-Instruct")
     code, _, err = run_main(capsys, "--prompt", str(prompt_file))
     assert_one_line_error(code, err, "run `make weights`")
 
@@ -237,7 +238,7 @@ def test_compare_runs_both_caches_and_counts_matched_tokens(capsys, tiny_chat_di
     tokens (the plumbing, not the answers: a tiny random model with SmolLM2's vocabulary)."""
     from benchmarks.eval.tasks import make_case
     from engine import LLM, SamplingParams
-    from engine.compare import matched_tokens
+    from compare import matched_tokens
     from snapkv import SnapKVConfig
 
     llm = LLM(tiny_chat_dir, max_batch_size=1)
@@ -260,6 +261,6 @@ def test_compare_runs_both_caches_and_counts_matched_tokens(capsys, tiny_chat_di
     assert result["compressed"]["stats"]["kept_tokens"] == 64
     code, out, err = run_main(capsys, *args)
     assert code == 0 and out.startswith("full cache: KV ") and full.text.strip() in out
-    assert f"tova (budget 64): KV " in out and f"matched tokens: {result['matched_tokens']} of {n}" in out
+    assert "tova (budget 64): KV " in out and f"matched tokens: {result['matched_tokens']} of {n}" in out
     code, out, err = run_main(capsys, *args, "--no-snapkv")
     assert_one_line_error(code, err, "--compare compares a compressed cache with the full one")

@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-import models.attention as attention
+import fastattn.paths as fast
 from engine import LLM, SamplingParams
 from snapkv import SnapKVConfig
 from tests.conftest import tiny_model_dir
@@ -28,8 +28,8 @@ def engines(path, dtype, flash: bool, monkeypatch):
     """(graphed, eager) engines of 8 slots; the eager one attends over the whole capacity like the graphs do,
     so both run the same kernels on the same shapes and must agree exactly."""
     if not flash:
-        monkeypatch.setattr(attention, "flash_attn_with_kvcache", None)
-    elif attention.flash_attn_with_kvcache is None:
+        monkeypatch.setattr(fast, "flash_attn_with_kvcache", None)
+    elif fast.flash_attn_with_kvcache is None:
         pytest.skip("flash-attn does not import here")
     cfg = SnapKVConfig(budget=48, window=8)
     graphed = LLM(path, device=DEVICE, dtype=dtype, snapkv=cfg, max_batch_size=8, cuda_graph=True)
@@ -45,7 +45,7 @@ def test_graph_replay_equals_eager(tmp_path, monkeypatch, kind, dtype, flash):
     path = tiny_model_dir(tmp_path, kind, **KINDS[kind])
     split = flash == "split"
     if split:
-        monkeypatch.setattr(attention, "CUDA_DECODE", "split")
+        monkeypatch.setattr(fast, "CUDA_DECODE", "split")
         flash = False
     graphed, eager = engines(path, dtype, flash and kind == "llama", monkeypatch)
     if DEVICE == "cuda":
@@ -89,7 +89,7 @@ def test_split_decode_attention_on_device(dtype):
     k, v = torch.randn(2, 2, 8, 3000, 128, generator=g)
     valid = torch.arange(3000) < torch.randint(1, 3000, (2, 8, 1), generator=g)
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, :, None, :])
-    got = attention.split_decode_attention(*(x.to(DEVICE, dtype) for x in (q, k, v)), valid.to(DEVICE))
+    got = fast.split_decode_attention(*(x.to(DEVICE, dtype) for x in (q, k, v)), valid.to(DEVICE))
     assert (got.float().cpu() - expected).abs().max().item() < (1e-4 if dtype == torch.float32 else 2e-2)
 
 
@@ -100,7 +100,7 @@ def test_session_graph_replay_equals_eager(tmp_path, monkeypatch, dtype):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     path = tiny_model_dir(tmp_path, "llama", vocab_size=49152, max_position_embeddings=2048)
-    monkeypatch.setattr(attention, "flash_attn_with_kvcache", None)
+    monkeypatch.setattr(fast, "flash_attn_with_kvcache", None)
     cfg = SnapKVConfig(budget=40, window=8, kernel=3)
     graphed = LLM(path, device=DEVICE, dtype=dtype, snapkv=cfg, max_batch_size=4, max_kv_len=96, cuda_graph=True)
     eager = LLM(path, device=DEVICE, dtype=dtype, snapkv=cfg, max_batch_size=4, max_kv_len=96, cuda_graph=False)
@@ -128,7 +128,7 @@ def test_session_graph_replay_equals_eager(tmp_path, monkeypatch, dtype):
 def test_quantized_graph_replay_equals_eager(tmp_path, monkeypatch, weights_dtype, kv_dtype):
     """int4/int8 weights (the int4pack / int8pack kernels) and the int8 KV cache: graphs equal eager at batch 1-8."""
     path = tiny_model_dir(tmp_path, "llama", hidden_size=128, intermediate_size=256)
-    monkeypatch.setattr(attention, "flash_attn_with_kvcache", None)
+    monkeypatch.setattr(fast, "flash_attn_with_kvcache", None)
     cfg = SnapKVConfig(budget=48, window=8)
     kwargs = dict(device=DEVICE, dtype="bfloat16", snapkv=cfg, max_batch_size=8, weights_dtype=weights_dtype,
                   kv_dtype=kv_dtype)
@@ -142,7 +142,8 @@ def test_quantized_graph_replay_equals_eager(tmp_path, monkeypatch, weights_dtyp
 
 
 def test_quantized_linears_on_device():
-    from models.quantized import Int4Linear, Int8GroupLinear, Int8Linear, Int8Weight, quantize_int4, quantize_int8
+    from quant.layers import Int4Linear, Int8GroupLinear, Int8Linear
+    from quant.weights import Int8Weight, quantize_int4, quantize_int8
     from tests.test_quantized import assert_bf16_close, kernel_reference
 
     w, x = torch.randn(96, 256), torch.randn(5, 256)

@@ -8,7 +8,8 @@ from tokenizers import Tokenizer as Backend
 from tokenizers import models, pre_tokenizers, trainers
 
 from engine.detokenizer import IncrementalDetokenizer
-from engine.tokenizer import Tokenizer, _sentencepiece_bpe
+from engine.tokenizer import Tokenizer
+from formats.tokenizers import _sentencepiece_bpe
 
 WORDS = ("the quick brown fox jumps over a lazy dog naïve café 日本語 🙂 emoji 🎉 Здравствуй мир "
          "façade 漢字とひらがな 👨‍👩‍👧 résumé ünïcödé, token. window\n").split(" ")

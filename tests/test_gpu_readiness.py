@@ -14,13 +14,14 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import CausalBias
 
 import engine.decode_step as decode_step
+import fastattn.paths as fast
 import models.attention as attention
 from engine import LLM, SamplingParams
 from engine.kv_cache import available_memory_bytes
-from engine.llm import resolve_dtype
+from engine.config import resolve_dtype
 from engine.memory_model import predict_prefill_peak
 from models.config import ModelConfig
-from models.loader import load_model
+from formats.loader import load_model
 from snapkv import SnapKVConfig
 from tests.conftest import tiny_model_dir
 
@@ -58,20 +59,20 @@ def fake_flash(monkeypatch):
         calls.append(args[0].dtype)
         return fake_flash_attn_with_kvcache(*args, **kwargs)
 
-    monkeypatch.setattr(attention, "flash_attn_with_kvcache", counting)
+    monkeypatch.setattr(fast, "flash_attn_with_kvcache", counting)
     return calls
 
 
 def test_backend_choice(monkeypatch, cuda_like):
     cuda = torch.device("cuda")
-    monkeypatch.setattr(attention, "flash_attn_with_kvcache", None)
+    monkeypatch.setattr(fast, "flash_attn_with_kvcache", None)
     assert attention.decode_backend(cuda, torch.bfloat16, needs_position_mask=False) == "auto"
-    monkeypatch.setattr(attention, "flash_attn_with_kvcache", lambda *a, **k: None)
+    monkeypatch.setattr(fast, "flash_attn_with_kvcache", lambda *a, **k: None)
     assert attention.decode_backend(cuda, torch.bfloat16, needs_position_mask=False) == "flash"
     assert attention.decode_backend(cuda, torch.float16, needs_position_mask=False) == "flash"
     assert attention.decode_backend(cuda, torch.float32, needs_position_mask=False) == "auto"  # flash-attn: no fp32
     assert attention.decode_backend(cuda, torch.bfloat16, needs_position_mask=True) == "auto"  # sliding window
-    monkeypatch.setattr(attention, "CUDA_DECODE", "split")
+    monkeypatch.setattr(fast, "CUDA_DECODE", "split")
     assert attention.decode_backend(cuda, torch.bfloat16, needs_position_mask=True) == "split"
     cuda_like((7, 5))  # Turing: flash-attn 2 needs sm80+
     assert attention.decode_backend(cuda, torch.float16, needs_position_mask=False) == "split"
@@ -96,7 +97,7 @@ def test_flash_route_through_the_real_backend_choice(tmp_path, cuda_like, fake_f
     assert fp32.runner.steps[2].view.backend == "auto"
     fp32.generate(prompt_token_ids=prompts, sampling_params=params)
     assert len(fake_flash) == 30  # float32 never reached flash-attn
-    attention.flash_attn_with_kvcache = None  # (restored by the fixture) the same fp16 engine on SDPA
+    fast.flash_attn_with_kvcache = None  # (restored by the fixture) the same fp16 engine on SDPA
     sdpa = LLM(path, snapkv=cfg, dtype="float16")
     assert sdpa.runner.steps[2].view.backend == "auto"
     assert [o.token_ids for o in sdpa.generate(prompt_token_ids=prompts, sampling_params=params)] == flash_tokens
@@ -113,15 +114,15 @@ def test_split_decode_attention_equals_sdpa(entries):
     valid = torch.arange(entries) < torch.tensor([[entries, entries // 3], [1, entries // 2], [entries, 7]])[..., None]
     valid[0, 0, entries // 4: entries // 2] = False
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, :, None, :])
-    assert (attention.split_decode_attention(q, k, v, valid) - expected).abs().max().item() < 1e-5
+    assert (fast.split_decode_attention(q, k, v, valid) - expected).abs().max().item() < 1e-5
 
 
 @pytest.mark.parametrize("kind,overrides", [("llama", {}), ("mistral", {"sliding_window": 40})])
 def test_split_route_tokens_equal_sdpa(tmp_path, monkeypatch, cuda_like, kind, overrides):
     """On "CUDA" with the split-KV decode path chosen, every decode attention goes through it, token for token as
     SDPA; "auto" (the default) takes it exactly when the attended span reaches SPLIT_FROM."""
-    monkeypatch.setattr(attention, "SPLIT_LENGTH", 32)  # several splits on a tiny cache
-    monkeypatch.setattr(attention, "CUDA_DECODE", "sdpa")
+    monkeypatch.setattr(fast, "SPLIT_LENGTH", 32)  # several splits on a tiny cache
+    monkeypatch.setattr(fast, "CUDA_DECODE", "sdpa")
     path = tiny_model_dir(tmp_path, kind, **overrides)
     prompts = [list(range(3, 150)), list(range(10, 40))]
     params = SamplingParams(max_tokens=40, ignore_eos=True)
@@ -129,17 +130,17 @@ def test_split_route_tokens_equal_sdpa(tmp_path, monkeypatch, cuda_like, kind, o
     sdpa = LLM(path, snapkv=cfg)
     assert sdpa.runner.steps[2].view.backend == "sdpa"
     expected = [o.token_ids for o in sdpa.generate(prompt_token_ids=prompts, sampling_params=params)]
-    monkeypatch.setattr(attention, "CUDA_DECODE", "split")
+    monkeypatch.setattr(fast, "CUDA_DECODE", "split")
     split = LLM(path, snapkv=cfg)
     assert split.runner.steps[2].view.backend == "split"
     calls = []
-    real = attention.split_decode_attention
-    monkeypatch.setattr(attention, "split_decode_attention", lambda *a: calls.append(1) or real(*a))
+    real = fast.split_decode_attention
+    monkeypatch.setattr(fast, "split_decode_attention", lambda *a: calls.append(1) or real(*a))
     assert [o.token_ids for o in split.generate(prompt_token_ids=prompts, sampling_params=params)] == expected
     assert len(calls) == 39 * 2  # 39 decode steps x 2 layers
-    monkeypatch.setattr(attention, "CUDA_DECODE", "auto")
+    monkeypatch.setattr(fast, "CUDA_DECODE", "auto")
     for split_from, routed in ((10**9, 0), (1, 39 * 2)):
-        monkeypatch.setattr(attention, "SPLIT_FROM", split_from)
+        monkeypatch.setattr(fast, "SPLIT_FROM", split_from)
         calls.clear()
         auto = LLM(path, snapkv=cfg)
         assert [o.token_ids for o in auto.generate(prompt_token_ids=prompts, sampling_params=params)] == expected

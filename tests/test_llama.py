@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from models.loader import load_model
+from formats.loader import load_model
 from tests.conftest import save_tiny, tiny_hf_model
 
 CASES = {

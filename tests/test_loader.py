@@ -1,4 +1,5 @@
-"""models.loader: sharded safetensors, GGUF quant types vs transformers' GGUF loader, and clear errors."""
+"""formats (loader, gguf, hf, convert): sharded safetensors, GGUF quant types against transformers' GGUF loader,
+and clear errors."""
 
 import json
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from models.loader import load_model
+from formats.loader import load_model
 from tests.conftest import save_tiny, tiny_hf_model, write_gguf
 
 
@@ -112,7 +113,7 @@ def test_no_weights_and_missing_shard(tmp_path):
 
 
 def test_convert_command_errors_are_one_line(tmp_path, capsys):
-    import convert_gguf
+    from formats import convert as convert_gguf
 
     assert convert_gguf.main([]) == 2
     assert "usage: snapkv-convert IN.gguf OUT_DIR" in capsys.readouterr().err

@@ -10,8 +10,9 @@ import torch
 import engine.llm as llm_module
 from engine import LLM, SamplingParams
 from engine.kv_cache import KVCache
-from engine.memory_model import predict_generation_peak
-from models.loader import load_model
+from benchmarks.long_context import predict_generation_peak
+from formats.loader import load_model
+from quant.kv_int8 import Int8KVCache
 from snapkv import SnapKVConfig
 from tests.conftest import SMOL_DIR, tiny_model_dir
 
@@ -104,9 +105,10 @@ def test_prediction_terms_match_the_real_tensors(tmp_path):
     assert predicted.parts["KV cache"] == llm.runner.cache.nbytes  # K, V and the int32 positions
     assert predicted.parts["KV cache"] == KVCache(cfg.num_layers, 3, cfg.num_kv_heads, 50, cfg.head_dim,
                                                   track_positions=True).nbytes
-    int8 = predict_generation_peak(cfg, 150, 50, 3, e, 32, window=8, kv_int8=True)  # values, scales, positions
-    assert int8.parts["KV cache"] == KVCache(cfg.num_layers, 3, cfg.num_kv_heads, 50, cfg.head_dim,
-                                             track_positions=True, int8=True).nbytes
+    int8 = predict_generation_peak(cfg, 150, 50, 3, e, 32, window=8,  # values, scales, positions
+                                   entry_bytes=Int8KVCache.entry_bytes(cfg.head_dim, torch.float32))
+    assert int8.parts["KV cache"] == Int8KVCache(cfg.num_layers, 3, cfg.num_kv_heads, 50, cfg.head_dim,
+                                                 track_positions=True).nbytes
     seen = []
 
     class Spy:

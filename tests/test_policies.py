@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from engine import SamplingParams
-from snapkv import SnapKVConfig, make_policy, snapkv_scores, snapkv_select
+from snapkv import SnapKVConfig, make_policy, snapkv_scores
 from snapkv.allocation import ADAKV_CAP, ADAKV_FLOOR, adakv_mask, mask_positions, pyramid_budgets
 from tests.test_snapkv_engine import Capture, reference_greedy, tiny
 
@@ -73,7 +73,7 @@ def test_pyramidkv_is_snapkv_with_the_layer_budget():
     assert policy.kept_length(80) == max(budgets) and policy.kept_length(10) == 10
     for layer, budget in enumerate(budgets):
         q, k = layer_qk(layer)
-        reference = snapkv_select(q, k, SnapKVConfig(budget=budget, window=4, kernel=3))
+        reference = make_policy(SnapKVConfig(budget=budget, window=4, kernel=3)).select(q, k)
         assert torch.equal(policy.select(q, k, layer), reference)
 
 

@@ -17,7 +17,7 @@ from benchmarks.eval.prefill_once import PrefilledPrompt
 from benchmarks.eval.quality import config_for, summarize
 from benchmarks.eval.splits import report_cases, tuning_cases
 from engine import LLM
-from engine.compare import first_difference, matched_tokens
+from compare import first_difference, matched_tokens
 from engine.tokenizer import Tokenizer
 from snapkv import SnapKVConfig
 from tests.conftest import tiny_model_dir

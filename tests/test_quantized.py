@@ -1,7 +1,8 @@
 """Quantized weights and the int8 KV cache (gguf is imported inside the tests that need it: tests/test_cuda.py
-imports this file's references on a GPU machine that may lack it): the quantized linears equal a dequantize-then-matmul reference, GGUF
-Q8_0/Q4_0/Q4_1 blocks repack to exactly the values `gguf` dequantizes them to, int8 KV logits stay near float
-KV logits over a generation, and the bytes the stats report equal the formula."""
+imports this file's references on a GPU machine that may lack it): the quantized linears equal a
+dequantize-then-matmul reference, GGUF Q8_0/Q4_0/Q4_1 blocks repack to exactly the values `gguf` dequantizes them
+to, int8 KV logits stay near float KV logits over a generation, and the bytes the stats report equal the
+formula."""
 
 import numpy as np
 import pytest
@@ -9,11 +10,13 @@ import torch
 
 from engine import LLM, SamplingParams
 from engine.cache_views import DecodeView, PrefillView
-from engine.kv_cache import KVCache, KVCacheTooLarge, dequantize_entries, quantize_entries
-from models.gguf_blocks import read_blocks
-from models.loader import load_model, weight_bytes
-from models.quantized import (KERNEL_DTYPE, Int4Linear, Int4Weight, Int8GroupLinear, Int8Linear, Int8Weight,
-                              int8_as_int4_planes, quantize_int4, quantize_int8)
+from engine.kv_cache import KVCache, KVCacheTooLarge
+from formats.gguf import read_blocks
+from formats.loader import load_model
+from models.llama import weight_bytes
+from quant.kv_int8 import Int8KVCache, dequantize_entries, quantize_entries
+from quant.layers import KERNEL_DTYPE, Int4Linear, Int8GroupLinear, Int8Linear
+from quant.weights import Int4Weight, Int8Weight, int8_as_int4_planes, quantize_int4, quantize_int8
 from snapkv import SnapKVConfig
 from snapkv.policies import make_policy
 from tests.conftest import tiny_hf_model, tiny_model_dir, write_gguf
@@ -144,7 +147,7 @@ def test_weights_dtype_stays_near_float32(tmp_path, weights_dtype, correlation, 
 def test_embedding_and_lm_head_formats():
     """int4 leaves the embedding/lm_head int8 on CPU and in the model's dtype on CUDA (no fast int8 kernel there);
     a GGUF's Q8_0 head keeps its blocks everywhere (it runs as int4 planes)."""
-    from models.loader import _target
+    from quant.store import target as _target
 
     w, q8 = torch.zeros(64, 64), Int8Weight(torch.zeros(64, 64, dtype=torch.int8), torch.ones(64, 2))
     assert _target("lm_head.weight", "int4", w, on_cpu=True) == "int8"
@@ -178,7 +181,7 @@ def forced_logits(model, cache: KVCache, prompt: list[int], forced: list[int]) -
         positions = torch.tensor([len(prompt)])
         decode = DecodeView(cache, positions, None)
         for token in forced:
-            decode.begin_step(int(cache.lengths.max()) + 1)
+            decode.span = int(cache.lengths.max()) + 1
             logits.append(model.decode(torch.tensor([token]), positions, decode)[0])
             cache.advance(torch.ones(1, dtype=torch.long))
             positions += 1
@@ -192,18 +195,18 @@ def test_int8_kv_logits_stay_near_float_kv(smol_dir):
     cfg = model.config
     prompt = torch.randint(100, 20000, (300,), generator=torch.Generator().manual_seed(3)).tolist()
     forced = torch.randint(100, 20000, (24,), generator=torch.Generator().manual_seed(4)).tolist()
-    make = lambda int8: KVCache(cfg.num_layers, 1, cfg.num_kv_heads, 128, cfg.head_dim, int8=int8)
+    make = lambda int8: (Int8KVCache if int8 else KVCache)(cfg.num_layers, 1, cfg.num_kv_heads, 128, cfg.head_dim)
     ref, quant = forced_logits(model, make(False), prompt, forced), forced_logits(model, make(True), prompt, forced)
     assert (quant - ref).abs().max() <= 0.35
     assert (quant.argmax(-1) == ref.argmax(-1)).sum() >= 23
 
 
 def test_int8_cache_bytes_equal_the_formula(tmp_path):
-    cache = KVCache(num_layers=3, slots=2, num_kv_heads=4, capacity=10, head_dim=16, int8=True)
+    cache = Int8KVCache(num_layers=3, slots=2, num_kv_heads=4, capacity=10, head_dim=16)
     assert cache.nbytes == 3 * 2 * 4 * 10 * 2 * (16 + 4)  # int8 K and V + one float32 scale each
     assert cache.prefix(1).k_scale.shape == (3, 1, 4, 10)
     with pytest.raises(KVCacheTooLarge, match=r"needs 39\.34 TiB"):  # the memory check counts int8 bytes too
-        KVCache(num_layers=32, slots=64, num_kv_heads=8, capacity=10_000_000, head_dim=128, int8=True)
+        Int8KVCache(num_layers=32, slots=64, num_kv_heads=8, capacity=10_000_000, head_dim=128)
 
     path = tiny_model_dir(tmp_path, "llama")
     llm = LLM(path, snapkv=SnapKVConfig(budget=40, window=8), max_batch_size=1, kv_dtype="int8")

@@ -7,8 +7,24 @@ import pytest
 import torch
 
 from engine import SamplingParams
-from engine.sampler import (filter_logits, filtered_sample_tokens, greedy_tokens, gumbel_noise, hash32,
+from engine.sampler import (filtered_sample_tokens, greedy_tokens, gumbel_noise, hash32,
                             sample_tokens)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Mask to -inf all but the top_k tokens, then all outside the smallest set whose probability reaches top_p
+    (HF order: temperature, then top-k, then top-p). logits [..., V] float32."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # drop a token when the tokens ranked above it already reach top_p (the best one always stays)
+        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
 
 
 def lowbias32(x: int) -> int:

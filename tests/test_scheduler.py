@@ -12,7 +12,7 @@ import torch
 
 from engine import LLM, SamplingParams
 from engine.scheduler import Scheduler
-from engine.sequence import Status
+from engine.sequence import Placement, Status
 from snapkv import SnapKVConfig
 from tests.conftest import tiny_model_dir
 
@@ -20,7 +20,7 @@ from tests.conftest import tiny_model_dir
 class FakeSeq:
     def __init__(self, rid, n):
         self.request_id, self.prompt_token_ids, self.slot, self.status = rid, [0] * n, None, Status.WAITING
-        self.pinned_slot = None  # not a conversation's turn
+        self.placement = Placement()  # any free slot
 
 
 def test_scheduler_lowest_slot_and_prefill_budget():
@@ -29,13 +29,13 @@ def test_scheduler_lowest_slot_and_prefill_budget():
     for s in seqs:
         sched.add(s)
     assert [s.request_id for s in sched.admit()] == ["0", "1", "4"]  # oldest first within 100 tokens; 20 would not fit
-    assert [s.slot for s in (seqs[0], seqs[1], seqs[4])] == [0, 1, 2] and sched.batch_slots() == 3
+    assert [s.slot for s in (seqs[0], seqs[1], seqs[4])] == [0, 1, 2] and max(sched.running) + 1 == 3
     assert sched.admit() == []  # no free slot
     sched.release(seqs[0])
-    assert seqs[0].slot is None and sched.batch_slots() == 3
+    assert seqs[0].slot is None and max(sched.running) + 1 == 3
     assert [s.request_id for s in sched.admit()] == ["3"] and seqs[3].slot == 0  # the long one was owed a turn
     sched.release(seqs[1]), sched.release(seqs[4])
-    assert sched.batch_slots() == 1 and sched.admit()[0].slot == 1
+    assert max(sched.running) + 1 == 1 and sched.admit()[0].slot == 1
     assert sched.find("3") is seqs[3] and sched.find("9") is None
 
 

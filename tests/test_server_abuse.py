@@ -134,10 +134,11 @@ def test_whatever_fails_after_a_session_takes_a_slot_gives_it_back(tiny, monkeyp
         with pytest.raises(TypeError):
             sessions.turn((None, "s"), "me", [{"role": "user", "content": "hi"}], False, None, params, "r")
         assert (llm.scheduler.reserved, len(llm.scheduler.free_slots), sessions.open) == (0, 2, {})
-    monkeypatch.setattr("engine.session.ChatSession.__init__", broken)
+    monkeypatch.undo()
+    monkeypatch.setattr("sessions.session.ChatSession.begin_with", broken)  # after the slot was reserved
     with pytest.raises(TypeError):
-        llm.chat_session()
-    assert (llm.scheduler.reserved, len(llm.scheduler.free_slots)) == (0, 2)
+        sessions.turn((None, "s"), "me", [{"role": "user", "content": "hi"}], False, None, params, "r")
+    assert (llm.scheduler.reserved, len(llm.scheduler.free_slots), sessions.open) == (0, 2, {})
     monkeypatch.undo()
     with pytest.raises(APIError, match="do not extend"):  # a registered session refuses a wrong history...
         sessions.turn((None, "s"), "me", [{"role": "user", "content": "hi"}], False, None, params, "r1")

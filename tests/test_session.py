@@ -1,4 +1,4 @@
-"""Chat sessions (engine.session): a conversation's compressed cache carried across turns.
+"""Chat sessions (sessions): a conversation's compressed cache carried across turns.
 
 A tiny random Llama with SmolLM2's full vocabulary, so that the chat template's tokens are real ones.
 - With a budget that covers the whole conversation, every turn's tokens equal one full-cache `generate` over the

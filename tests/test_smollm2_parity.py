@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from models.loader import load_config, load_model
+from formats.loader import load_config, load_model
 from tests.conftest import ROOT
 
 PROMPT_TEXT = (ROOT / "examples" / "long_prompt.txt").read_text()

@@ -12,7 +12,7 @@ from engine import LLM, SamplingParams
 from engine.cache_views import PrefillView
 from engine.llm import DEFAULT_NEW_TOKENS
 from models.attention import causal_mask
-from snapkv import SnapKVConfig, snapkv_select
+from snapkv import SnapKVConfig, make_policy
 from tests.conftest import tiny_model_dir
 
 
@@ -100,10 +100,10 @@ def test_compressed_decode_equals_masked_full_attention(tmp_path, caches, kind, 
     window = overrides.get("sliding_window")
     for layer, kept in enumerate(out.kept):
         if window is None:
-            assert torch.equal(kept, snapkv_select(capture.q[layer], capture.k[layer], cfg)[0])
+            assert torch.equal(kept, make_policy(cfg).select(capture.q[layer], capture.k[layer])[0])
         else:  # only keys decode can see vote and are kept: SnapKV over the last window - 1 prompt keys
             first = len(prompt) - window + 1
-            visible = snapkv_select(capture.q[layer], capture.k[layer][:, :, first:], cfg)[0] + first
+            visible = make_policy(cfg).select(capture.q[layer], capture.k[layer][:, :, first:])[0] + first
             assert torch.equal(kept, visible) and kept.min() >= first
         # stored keys are the post-RoPE keys of their original positions, values likewise, per kv head
         gather = kept[..., None].expand(-1, -1, capture.k[layer].shape[-1])

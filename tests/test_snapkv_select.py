@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from snapkv import SnapKVConfig, make_policy, snapkv_select
+from snapkv import SnapKVConfig, make_policy
 
 
 def reference_select(q, k, budget, window, kernel, pooling, group_agg):
@@ -66,7 +66,7 @@ def test_selection_equals_reference(shape, pooling, kernel):
     for budget, window, agg in [(length - 1, 4, "mean"), (length - 6, 8, "max"), (12, 8, "mean"),
                                 (length // 2, 16, "max")]:
         cfg = SnapKVConfig(budget=budget, window=window, kernel=kernel, pooling=pooling, group_agg=agg)
-        got = snapkv_select(q, k, cfg)
+        got = make_policy(cfg).select(q, k)
         expected = reference_select(q, k, budget, window, kernel, pooling, agg)
         assert got.shape == (batch, kv_heads, budget)
         assert torch.equal(got, expected), (budget, window, agg)
@@ -74,9 +74,9 @@ def test_selection_equals_reference(shape, pooling, kernel):
 
 def test_short_prompts_are_not_compressed():
     q, k = torch.randn(1, 4, 20, 8), torch.randn(1, 2, 20, 8)
-    assert snapkv_select(q, k, SnapKVConfig(budget=20, window=4)) is None
-    assert snapkv_select(q, k, SnapKVConfig(budget=64, window=4)) is None
-    assert snapkv_select(q, k, SnapKVConfig(budget=19, window=4)).shape == (1, 2, 19)
+    assert make_policy(SnapKVConfig(budget=20, window=4)).select(q, k) is None
+    assert make_policy(SnapKVConfig(budget=64, window=4)).select(q, k) is None
+    assert make_policy(SnapKVConfig(budget=19, window=4)).select(q, k).shape == (1, 2, 19)
 
 
 def test_the_planted_key_is_kept():
@@ -87,7 +87,7 @@ def test_the_planted_key_is_kept():
     q = torch.randn(1, 2, length, dim) * 0.1
     k[0, 0, 77] = 4 * torch.ones(dim)
     q[0, :, -8:] = torch.ones(dim)
-    kept = snapkv_select(q, k, SnapKVConfig(budget=8 + 3, window=8, kernel=3, pooling="max"))[0, 0].tolist()
+    kept = make_policy(SnapKVConfig(budget=8 + 3, window=8, kernel=3, pooling="max")).select(q, k)[0, 0].tolist()
     assert kept == [76, 77, 78] + list(range(192, 200))
 
 

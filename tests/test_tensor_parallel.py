@@ -1,4 +1,4 @@
-"""Tensor parallelism (models.parallel, engine.tensor_parallel) on CPU: gloo, 2 processes.
+"""Tensor parallelism (parallel: shard, ranks, runner) on CPU: gloo, 2 processes.
 
 Tiny random Llama (untied lm_head) and Mistral (tied, sliding window) models with 8 query heads and 4 kv heads
 and SmolLM2's vocabulary (so text prompts and chat templates work):
@@ -29,10 +29,11 @@ import torch.multiprocessing as mp
 from engine import LLM, SamplingParams
 from engine.cache_views import DecodeView, PrefillView
 from engine.kv_cache import KVCache
-from engine.tensor_parallel import RankFailure
-from models.loader import load_config, load_model
-from models.parallel import TensorParallel, shard_config, take_part
-from models.quantized import quantize_int4, quantize_int8
+from parallel.ranks import RankFailure
+from formats.loader import load_config, load_model
+from parallel.shard import TensorParallel, shard_config
+from quant.weights import take_part
+from quant.weights import quantize_int4, quantize_int8
 from snapkv.config import SnapKVConfig
 from snapkv.policies import make_policy
 from tests.conftest import ROOT, tiny_model_dir, write_gguf
@@ -99,8 +100,8 @@ def expected_part(name: str, whole: torch.Tensor, rank: int, size: int, vocab_pa
 def test_each_rank_loads_exactly_its_slices(models, kind):
     whole = dict(load_model(models[kind]).named_parameters(remove_duplicate=False))
     for rank in range(2):
-        part = load_model(models[kind], tp=TensorParallel(rank, 2))
-        assert part.config.num_kv_heads == 2 and part.vocab_parallel
+        part = load_model(models[kind], shard=TensorParallel(rank, 2))
+        assert part.config.num_kv_heads == 2 and part.lm_head.weight.shape[0] == SHAPE["vocab_size"] // 2
         for name, p in part.named_parameters(remove_duplicate=False):
             assert torch.equal(p, expected_part(name, whole[name], rank, 2)), name
         if kind == "mistral":  # tied: the lm_head part is a view of the embedding's rows, not a copy
@@ -113,7 +114,7 @@ def test_gguf_parts_are_cut_after_reading(models, tmp_path):
     hf = AutoModelForCausalLM.from_pretrained(models["llama"])
     path = write_gguf(tmp_path / "tiny.gguf", hf, qtype_for=lambda name: "Q8_0" if "blk" in name else "F32")
     whole = dict(load_model(path).named_parameters())  # dequantized in float32
-    part = load_model(path, tp=TensorParallel(1, 2))
+    part = load_model(path, shard=TensorParallel(1, 2))
     for name, p in part.named_parameters():
         assert torch.equal(p, expected_part(name, whole[name], 1, 2)), name
 
@@ -140,7 +141,7 @@ def snapkv_logits(model, ids: list[int], steps: int) -> torch.Tensor:
         positions = torch.tensor([len(ids)])
         step = DecodeView(cache, positions, cfg.sliding_window)
         for _ in range(steps):
-            step.begin_step(128)
+            step.span = 128
             out.append(model.decode(out[-1].argmax()[None], positions, step)[0])
             cache.advance(torch.ones(1, dtype=torch.long))
             positions += 1
@@ -152,7 +153,7 @@ def _rank_logits(rank, size, port, model_dir, ids, steps, results):
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
-    model = load_model(model_dir, tp=TensorParallel(rank, size, dist.group.WORLD))
+    model = load_model(model_dir, shard=TensorParallel(rank, size, dist.group.WORLD))
     logits = snapkv_logits(model, ids, steps)
     if rank == 0:
         results.put(logits.numpy())  # by value: a shared tensor would die with this process
@@ -267,7 +268,7 @@ def test_a_script_without_a_main_guard_is_told_what_to_do(models, tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 1 and "bootstrapping phase" not in run.stderr
     assert run.stderr.strip().splitlines()[-1] == (
-        "engine.tensor_parallel.RankFailure: tensor-parallel rank 1 failed while starting: the script that starts "
+        "parallel.ranks.RankFailure: tensor-parallel rank 1 failed while starting: the script that starts "
         "LLM(tensor_parallel_size=...) must do it under `if __name__ == \"__main__\":` (each worker is a new "
         "process that imports the script again)")
 
@@ -405,14 +406,14 @@ def test_compiled_step_at_tp2_generates_what_eager_tp1_does(models):
 
 
 def test_benchmark_counts_the_collectives_of_a_step(tmp_path):
-    """benchmarks/tensor_parallel.py at the test shape: 2 layers x (o_proj + down_proj all-reduces), the tokens'
-    broadcast and, vocab-parallel, the logits' all-gather."""
+    """benchmarks/tensor_parallel.py at the test shape: 2 layers x (o_proj + down_proj all-reduces) and,
+    vocab-parallel, the logits' all-gather (every rank samples the same token from the same logits: no broadcast)."""
     from benchmarks.tensor_parallel import main
 
     out = tmp_path / "tp.md"
     main(["--shapes", "tiny-tp", "--steps", "2", "--batches", "1", "--out", str(out)])
     rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| tiny-tp")]
     assert [(r[2].strip(), r[3].strip(), int(r[6])) for r in rows] == [
-        ("1", "whole", 0), ("2", "vocab-parallel", 6), ("2", "replicated", 5)]
+        ("1", "whole", 0), ("2", "vocab-parallel", 5), ("2", "replicated", 4)]
     assert all(float(r[4]) > 0 for r in rows) and float(rows[0][7]) == 0
     assert all(float(r[7]) > 0 for r in rows[1:])  # time in collectives, measured at tp=2 only

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from engine.tokenizer import Tokenizer
+from formats.tokenizers import gguf_tokenizer, save_hf_files
 
 gguf = pytest.importorskip("gguf")
 spm = pytest.importorskip("sentencepiece")
@@ -134,7 +135,7 @@ def test_chat_template_environment_matches_transformers(smol):
     fields = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
               "tokenizer.ggml.merges": [], "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2,
               "tokenizer.chat_template": JINJA_TEMPLATE}
-    ours = Tokenizer.from_gguf_fields(fields)
+    ours = gguf_tokenizer(fields)
     for messages in CONVERSATIONS:
         for gen in (True, False):
             expected = ref.apply_chat_template(messages, chat_template=JINJA_TEMPLATE, tokenize=False,
@@ -146,7 +147,7 @@ def test_chat_template_environment_matches_transformers(smol):
 
 def test_save_hf_files_round_trip(smol, tmp_path):
     ours, ref = smol
-    ours.save_hf_files(tmp_path)
+    save_hf_files(ours, tmp_path)
     reloaded = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
     assert_same_as(ours, reloaded)
     assert_same_chat(ours, reloaded)
@@ -160,7 +161,7 @@ def test_save_hf_files_round_trip(smol, tmp_path):
 def test_hf_directory_fallbacks(smol, tmp_path):
     """Ids from config.json / generation_config.json, AddedToken-dict configs, chat_template.jinja precedence."""
     ours, ref = smol
-    ours.save_hf_files(tmp_path)
+    save_hf_files(ours, tmp_path)
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
     del config["bos_token"], config["eos_token"]
     config["unk_token"] = {"__type": "AddedToken", "content": "<|endoftext|>", "special": True}
@@ -247,7 +248,7 @@ def test_spm_model_dir_matches_sentencepiece(spm_files):
 def test_spm_save_hf_files_round_trip(spm_files, tmp_path):
     _, gguf_path, _ = spm_files
     ours = Tokenizer.from_path(gguf_path)
-    ours.save_hf_files(tmp_path)
+    save_hf_files(ours, tmp_path)
     reloaded = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
     assert_same_as(ours, reloaded, SPM_TEXTS)
     assert_same_as(Tokenizer.from_path(tmp_path), reloaded, SPM_TEXTS)
@@ -265,7 +266,7 @@ def test_directory_without_tokenizer(tmp_path):
 
 def test_unknown_gguf_tokenizer_model(tmp_path):
     with pytest.raises(ValueError, match="unsupported GGUF tokenizer model 'bert'.*gpt2, llama"):
-        Tokenizer.from_gguf_fields({"tokenizer.ggml.model": "bert", "tokenizer.ggml.tokens": ["[CLS]", "a"]})
+        gguf_tokenizer({"tokenizer.ggml.model": "bert", "tokenizer.ggml.tokens": ["[CLS]", "a"]})
     writer = gguf.GGUFWriter(str(tmp_path / "t5.gguf"), "llama")
     writer.add_tokenizer_model("t5")
     writer.add_token_list(["<pad>", "a"])
@@ -277,10 +278,10 @@ def test_unknown_gguf_tokenizer_model(tmp_path):
 def test_chat_template_errors():
     fields = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a", "b", "ab"],
               "tokenizer.ggml.merges": ["a b"]}
-    plain = Tokenizer.from_gguf_fields(fields)
+    plain = gguf_tokenizer(fields)
     assert plain.encode("abba") == [2, 1, 0]
     with pytest.raises(ValueError, match="no chat template"):
         plain.apply_chat_template([{"role": "user", "content": "hi"}])
-    strict = Tokenizer.from_gguf_fields({**fields, "tokenizer.chat_template": "{{ raise_exception('roles!') }}"})
+    strict = gguf_tokenizer({**fields, "tokenizer.chat_template": "{{ raise_exception('roles!') }}"})
     with pytest.raises(ValueError, match="roles!"):
         strict.apply_chat_template([{"role": "user", "content": "hi"}])

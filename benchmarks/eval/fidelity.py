@@ -2,7 +2,7 @@
 They move smoothly where exact match on a 135M model flips, so they are what defaults are tuned on.
 
 - matched tokens: of the first 32 greedy tokens, how many equal the full cache's at the same index
-  (engine.compare.matched_tokens; both answers end at their end-of-sequence token);
+  (compare.matched_tokens; both answers end at their end-of-sequence token);
 - teacher-forced: the full cache's first 64 greedy tokens are fed after the prompt, once over the full cache and
   once over a policy's kept entries; per position, KL(full || compressed) of the next-token distribution and
   whether the two argmaxes agree (top-1 agreement), averaged over the 64 positions;
@@ -20,7 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from engine.kv_cache import dequantize_entries, quantize_entries
+from quant.kv_int8 import dequantize_entries, quantize_entries
 from models.attention import causal_mask
 
 FORCED_TOKENS = 64

@@ -1,5 +1,5 @@
 """The multi-turn eval of chat sessions: does carrying a conversation's compressed KV cache between turns
-(engine.session) keep the answer quality of prefilling the whole conversation again, and how much faster is it?
+(sessions) keep the answer quality of prefilling the whole conversation again, and how much faster is it?
 
     .venv/bin/python -m benchmarks.eval.multiturn               # quality cases + speed section -> results/multiturn.md
     .venv/bin/python -m benchmarks.eval.multiturn --quick       # a smoke run of a few minutes
@@ -40,7 +40,7 @@ from benchmarks.eval.quality import answer_text
 from benchmarks.eval.runner import DEFAULT_MODEL, RESULTS, read_rows
 from benchmarks.eval.splits import REPORT_SEED
 from benchmarks.eval.tasks import Case, make_case
-from engine.compare import matched_tokens
+from compare import matched_tokens
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
 from snapkv.config import SnapKVConfig

@@ -59,8 +59,13 @@ class _QueryRecorder:
     def __init__(self, view, seq, queries: list[list[torch.Tensor]]):
         self.view, self.seq, self.queries = view, seq, queries
 
-    def begin_step(self, span: int) -> None:
-        self.view.begin_step(span)
+    @property
+    def span(self) -> int:  # the decode step sets the span it attends over on its view: the wrapped view's
+        return self.view.span
+
+    @span.setter
+    def span(self, value: int) -> None:
+        self.view.span = value
 
     def attend(self, layer, q, k, v):
         if self.seq.slot is not None:

@@ -29,7 +29,7 @@ from benchmarks.eval.prefill_once import PrefilledPrompt
 from benchmarks.eval.runner import DEFAULT_MODEL, RESULTS, read_rows
 from benchmarks.eval.splits import report_cases, tuning_cases
 from benchmarks.eval.tasks import Case
-from engine.compare import matched_tokens
+from compare import matched_tokens
 from snapkv.config import POLICIES, SnapKVConfig
 
 REPORT_POLICIES = ("snapkv", "adakv", "pyramidkv", "tova", "keynorm", "streaming")

@@ -34,7 +34,7 @@ from benchmarks.eval.prefill_once import PrefilledPrompt
 from benchmarks.eval.quality import answer_text
 from benchmarks.eval.runner import DEFAULT_MODEL, RESULTS, read_rows
 from benchmarks.eval.splits import report_cases
-from engine.compare import matched_tokens
+from compare import matched_tokens
 from snapkv.config import SnapKVConfig
 
 GGUF = DEFAULT_MODEL.parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -60,7 +60,8 @@ def score_config(llm, case, ids: list[int], reference: dict) -> list[dict]:
     rows = []
     for cache, decoded in zip(("full", f"snapkv {RATIO}x"), prefilled.decode_many([None, snapkv], MATCHED_TOKENS)):
         kept = None if cache == "full" else decoded.kept
-        logits = forced_logits(llm.model, prefilled, kept, reference["tokens"][:FORCED_TOKENS], kv_int8=llm.kv_int8)
+        logits = forced_logits(llm.model, prefilled, kept, reference["tokens"][:FORCED_TOKENS],
+                               kv_int8=llm.kv_dtype == "int8")
         kl, top1 = kl_and_top1(reference["logits"], logits)
         text = answer_text(llm, decoded.token_ids)
         rows.append(dict(cache=cache, kl=round(kl, 5), top1=round(top1, 4), score=case.score(text), output=text,

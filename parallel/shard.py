@@ -1,18 +1,14 @@
-"""Tensor parallelism for the network (Megatron-style): which slice of each weight a rank holds, and the two
-collectives the sharded forward needs.
+"""What one tensor-parallel rank holds, and the collectives that make its shard compute the whole network
+(Megatron-style, as gpt-fast's tp.py: the core network is built at this rank's shape and the collectives are
+added from outside).
 
-With N ranks, a rank holds H/N query heads and Hkv/N kv heads (q/k/v are column-parallel: their output rows are
-split by head) and I/N of the MLP's intermediate width (gate/up column-parallel); o_proj and down_proj are
-row-parallel (their input columns are split the same way), so each rank's output is a partial sum that one
-all-reduce completes. A kv head's group of query heads lives on one rank, so attention, the KV cache and SnapKV's
-per-kv-head selection need no communication at all. The lm_head is vocab-parallel (each rank computes V/N of the
-logits, gathered after; measured faster than a replicated lm_head, benchmarks/results/tensor_parallel.md) when N
-divides the vocabulary, else replicated; the embedding, the norms and RoPE are replicated. The model is built from
-`shard_config`, the per-rank shape, so every module has its local size; `SINGLE` is the one-rank group whose
-collectives are no-ops.
-
-Collectives run through torch.distributed (NCCL on GPUs, gloo on CPU): in-place ops eagerly and inside a captured
-CUDA graph, functional collectives when traced by torch.compile (which cannot trace the in-place ones).
+With N ranks a rank holds H/N query heads and Hkv/N kv heads (q/k/v column-parallel: output rows split by head)
+and I/N of the MLP width (gate/up column-parallel); o_proj and down_proj are row-parallel (input columns split the
+same way), so their outputs are partial sums that a forward hook all-reduces. A kv head's query group lives on one
+rank, so attention, the KV cache and SnapKV's per-kv-head selection need no communication. The lm_head is
+vocab-parallel (V/N rows, the logits gathered) when N divides the vocabulary, else replicated, as are the
+embedding and the norms. Collectives are in place when eager or captured in a CUDA graph, functional when traced
+by torch.compile (which cannot trace the in-place ones).
 """
 
 from __future__ import annotations
@@ -23,13 +19,14 @@ import re
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
+from torch import nn
 
 from models.config import ModelConfig
-from models.quantized import Int4Weight, Int8Weight
+from models.llama import LlamaForCausalLM
 
 COLUMN_PARALLEL = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkv]_proj|mlp\.(gate|up)_proj)\.weight")
-ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # the new name, or torch < 2.13's
 ROW_PARALLEL = re.compile(r"model\.layers\.\d+\.(self_attn\.o_proj|mlp\.down_proj)\.weight")
+ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # the new name, or torch < 2.13's
 
 
 class TensorParallel:
@@ -57,8 +54,6 @@ class TensorParallel:
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum x over the ranks (a row-parallel layer's partial outputs)."""
-        if self.size == 1:
-            return x
         if torch.compiler.is_compiling():
             return funcol.all_reduce(x, "sum", self.group)
         dist.all_reduce(x, group=self.group)
@@ -66,8 +61,6 @@ class TensorParallel:
 
     def gather_vocab(self, logits: torch.Tensor) -> torch.Tensor:
         """[..., V/N] logits of each rank -> the full [..., V] on every rank."""
-        if self.size == 1:
-            return logits
         flat = logits.reshape(-1, logits.shape[-1]).contiguous()
         if torch.compiler.is_compiling():
             parts = funcol.all_gather_tensor(flat, 0, self.group)
@@ -77,17 +70,29 @@ class TensorParallel:
         full = parts.view(self.size, *flat.shape).permute(1, 0, 2).reshape(flat.shape[0], -1)
         return full.view(*logits.shape[:-1], -1)
 
-    def from_first_rank(self, x: torch.Tensor) -> torch.Tensor:
-        """Rank 0's x on every rank (the tokens it sampled: every rank then feeds the same next token)."""
+    # --- the model at this rank's shape ------------------------------------------------------------------------
+
+    def config(self, cfg: ModelConfig) -> ModelConfig:
+        return shard_config(cfg, self.size)
+
+    def build(self, cfg: ModelConfig) -> LlamaForCausalLM:
+        """The network at this rank's shape (cfg: the whole model's), its lm_head vocab-parallel where it can be."""
+        model = LlamaForCausalLM(shard_config(cfg, self.size))
+        if self.vocab_parallel_for(cfg.vocab_size):
+            model.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size // self.size, bias=False)
+        return model
+
+    def attach(self, model: LlamaForCausalLM) -> LlamaForCausalLM:
+        """The collectives, as forward hooks on the loaded model's modules (after loading: a quantized layer is
+        a module of its own): each o_proj and down_proj output is all-reduced, a vocab-parallel lm_head's gathered."""
         if self.size == 1:
-            return x
-        if torch.compiler.is_compiling():
-            return funcol.broadcast(x, 0, self.group)
-        dist.broadcast(x, 0, group=self.group)
-        return x
-
-
-SINGLE = TensorParallel()
+            return model
+        for layer in model.model.layers:
+            for module in (layer.self_attn.o_proj, layer.mlp.down_proj):
+                module.register_forward_hook(lambda _module, _args, out: self.all_reduce(out))
+        if self.vocab_parallel_for(model.config.vocab_size):
+            model.lm_head.register_forward_hook(lambda _module, _args, out: self.gather_vocab(out))
+        return model
 
 
 def shard_config(cfg: ModelConfig, size: int) -> ModelConfig:
@@ -102,23 +107,3 @@ def shard_config(cfg: ModelConfig, size: int) -> ModelConfig:
                          f"{', '.join(map(str, fits))}")
     return dataclasses.replace(cfg, num_heads=cfg.num_heads // size, num_kv_heads=cfg.num_kv_heads // size,
                                intermediate_size=cfg.intermediate_size // size)
-
-
-def take_part(weight, dim: int, start: int, stop: int):
-    """Rows (dim 0) or columns (dim 1) [start, stop) of a float tensor or an int8/int4 weight, as a copy of its
-    own (a quantized weight's scales follow its columns group by group)."""
-    if isinstance(weight, torch.Tensor):
-        return weight.narrow(dim, start, stop - start).clone()
-    fields = {}
-    for name, t in vars(weight).items():
-        if dim == 0:
-            fields[name] = t[start:stop].clone()
-        elif name == "q" or t.shape[1] == 1:  # the values; a per-row scale covers every column
-            fields[name] = t[:, start:stop].clone() if name == "q" else t
-        else:
-            group = weight.group
-            if start % group:
-                raise ValueError(f"a tensor-parallel part starts at column {start}, inside a quantization group "
-                                 f"of {group}; use a tensor parallel size that splits the groups evenly")
-            fields[name] = t[:, start // group:stop // group].clone()
-    return type(weight)(**fields)

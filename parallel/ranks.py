@@ -1,46 +1,30 @@
-"""Tensor parallelism in the engine: the ModelRunner on N ranks, one process each, rank 0 driving (as nano-vllm).
+"""A tensor-parallel group of processes: one rank each, rank 0 driving (as nano-vllm). Ranks 1..N-1 are started
+here with torch.multiprocessing (spawn) on one node, or launched by torchrun across nodes, where every process
+runs the same command and a rank > 0 serves as a worker.
 
-Rank 0 is the LLM's own process: it owns the tokenizer, the scheduler and the outputs, plus a runner for its own
-shard. Ranks 1..N-1 are workers, started here with torch.multiprocessing (spawn) on one node, or launched by
-torchrun across nodes: then every process runs the same command, and `LLM(...)` on a rank > 0 serves as a worker
-and exits when rank 0 is done. Each rank loads only its slices of the weights (models.parallel), holds Hkv/N kv
-heads of every layer in its static cache and runs SnapKV on them: selection is per kv head, so it needs no
-communication.
-
-Rank 0 sends each runner call to the workers over a gloo group: a header of four integers (what, and the decode
-step's bucket, mode and span), and for a prefill its job as a frame, JSON plus raw tensor bytes (nothing is ever
-unpickled from a socket). Then every rank runs the same call; the model's all-reduces (NCCL on GPUs, gloo on CPU)
-are the only tensor traffic, and a prefill's per-rank results (kept counts and positions) come back to rank 0 as
-frames too. Spawned workers meet on the loopback only (the rendezvous store and gloo's sockets); torchrun's own
-store listens where torchrun puts it, so run multi-node groups on a trusted network.
-A failure inside a tensor-parallel call leaves the ranks out of step, so it ends the engine: a worker that dies
-or raises makes rank 0's next collective fail (gloo notices a closed connection at once), and rank 0 raises
-RankFailure naming the rank and what happened to it.
+Rank 0 sends each call to the workers over a gloo group: a header of four integers, and for a prefill a frame,
+JSON plus raw tensor bytes of plain dtypes (nothing is unpickled from a socket). Spawned workers meet on the
+loopback only (the rendezvous store and gloo's sockets); torchrun's own store listens where torchrun puts it, so
+multi-node groups need a trusted network. A failure inside a call leaves the ranks out of step, so it stops the
+engine: rank 0 raises RankFailure naming the rank and what happened to it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime
 import json
 import os
 import signal
 import socket
 import threading
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from engine.decode_step import MODES
-from engine.model_runner import ModelRunner, PrefillJob, PrefillResult, prefill_progress
-from engine.sequence import Sequence
-from models.loader import load_model
-from models.parallel import TensorParallel
-from snapkv.config import SnapKVConfig
-from snapkv.policies import make_policy
+from engine.errors import EngineFailure
+from parallel.shard import TensorParallel
 
 STOP, PREFILL, DECODE, RELEASE = range(4)  # what a header asks the workers to do
 TIMEOUT = datetime.timedelta(days=7)  # a collective waits this long: idle workers wait for rank 0's next call
@@ -49,19 +33,9 @@ NO_MAIN_GUARD = 75  # a spawned worker's exit code when the script that started 
 FRAME_DTYPES = {str(t): t for t in (torch.int64, torch.int32, torch.float32, torch.bfloat16, torch.float16)}
 
 
-class RankFailure(RuntimeError):
+class RankFailure(EngineFailure):
     """A tensor-parallel rank died or failed; the ranks are out of step and the engine has stopped."""
 
-
-@dataclass
-class WorkerSpec:
-    """What a worker loads (rank 0 sends it, so a torchrun worker needs no arguments of its own)."""
-    model: str
-    dtype: torch.dtype
-    weights_dtype: str | None
-
-
-# --- frames: what crosses the control group, as JSON and raw tensor bytes --------------------------------------------
 
 def encode_frame(meta, tensors: list[torch.Tensor] = ()) -> torch.Tensor:
     """JSON-able meta and tensors as one uint8 tensor: a header's length, the header, then each tensor's bytes."""
@@ -83,39 +57,6 @@ def decode_frame(frame: torch.Tensor):
         tensors.append(frame[offset:offset + size].clone().view(dtype).view(shape))
         offset += size
     return header["meta"], tensors
-
-
-def policy_spec(policy) -> dict | None:
-    """A selection policy as data: its SnapKV settings (None: the full cache); make_policy rebuilds it."""
-    cfg = getattr(policy, "cfg", None)
-    return None if cfg is None else dataclasses.asdict(cfg)
-
-
-def job_frame(job: PrefillJob) -> torch.Tensor:
-    if job.past_kv is not None:
-        raise ValueError("full-history conversations are not supported with tensor parallelism")
-    meta = {"ids": job.ids, "slot": job.slot, "policy": policy_spec(job.policy), "start": job.start,
-            "mode": job.mode, "temperature": job.temperature, "top_k": job.top_k, "top_p": job.top_p,
-            "seed": job.seed, "record_kept": job.record_kept, "past": job.past_positions is not None}
-    return encode_frame(meta, job.past_positions or [])
-
-
-def job_from_frame(frame: torch.Tensor, config) -> PrefillJob:
-    meta, past = decode_frame(frame)
-    spec = meta.pop("policy")
-    policy = make_policy(None if spec is None else SnapKVConfig(**spec), config.num_layers, config.sliding_window)
-    return PrefillJob(policy=policy, past_positions=past if meta.pop("past") else None, past_kv=None, **meta)
-
-
-def result_frame(result: PrefillResult) -> torch.Tensor:
-    meta = {"token": result.token, "entries": result.entries, "longest": result.longest, "seconds": result.seconds,
-            "peak_bytes": result.peak_bytes, "kept": result.kept is not None}
-    return encode_frame(meta, result.kept or [])
-
-
-def result_from_frame(frame: torch.Tensor) -> PrefillResult:
-    meta, kept = decode_frame(frame)
-    return PrefillResult(kept=kept if meta.pop("kept") else None, turn_kv=None, **meta)
 
 
 def torchrun_rank() -> int | None:
@@ -267,9 +208,9 @@ def _exit_reason(code: int) -> str:
     return f"exit code {code}"
 
 
-def start(size: int, device: torch.device) -> Ranks:
-    """Rank 0's group of `size` ranks: join torchrun's (a rank > 0 then serves as a worker right here and the
-    process exits when rank 0 is done), or start size - 1 worker processes on this node."""
+def start(size: int, device: torch.device, worker_loop, worker_main) -> Ranks:
+    """Rank 0's group of `size` ranks: join torchrun's (a rank > 0 then runs worker_loop(ranks) right here and
+    the process exits when rank 0 is done), or start size - 1 processes running worker_main on this node."""
     rank = torchrun_rank()
     if rank is not None:
         world = int(os.environ["WORLD_SIZE"])
@@ -277,7 +218,7 @@ def start(size: int, device: torch.device) -> Ranks:
             raise ValueError(f"tensor parallel size {size} but torchrun started {world} processes; make them equal")
         ranks = Ranks(rank, size, rank_device(device, int(os.environ.get("LOCAL_RANK", rank))), "env://")
         if rank > 0:
-            serve(ranks)
+            worker_loop(ranks)
             raise SystemExit(0)
         return ranks
     if device.type == "cuda" and torch.cuda.device_count() < size:
@@ -290,7 +231,7 @@ def start(size: int, device: torch.device) -> Ranks:
     rendezvous = ("127.0.0.1", listener.getsockname()[1])
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
-    processes = [ctx.Process(target=_worker_main, args=(r, size, device.type, rendezvous, errors), daemon=True,
+    processes = [ctx.Process(target=worker_main, args=(r, size, device.type, rendezvous, errors), daemon=True,
                              name=f"snapkv-rank{r}") for r in range(1, size)]
     for p in processes:
         p.start()
@@ -338,114 +279,3 @@ def _while_watching(processes, errors, join):
     if "error" in box:
         raise box["error"]
     return box["ranks"]
-
-
-def _worker_main(rank: int, size: int, device_type: str, rendezvous: tuple[str, int], errors) -> None:
-    try:
-        on_loopback()
-        serve(Ranks(rank, size, rank_device(torch.device(device_type), rank), (*rendezvous, None)))
-    except BaseException as e:  # rank 0 reports it (its next collective fails as this process exits)
-        errors.put((rank, f"{type(e).__name__}: {' '.join(str(e).split())}"))
-        raise SystemExit(1)
-
-
-def serve(ranks: Ranks) -> None:
-    """A worker's life: load its shard, build its runner, then run rank 0's calls until told to stop."""
-    spec = WorkerSpec(**ranks.receive_json())
-    spec.dtype = getattr(torch, spec.dtype)
-    model, error = None, None
-    try:
-        model = load_model(spec.model, spec.dtype, ranks.device, None, spec.weights_dtype, ranks.tp)
-    except ValueError as e:
-        error = str(e)
-    ranks.gather(error)
-    runner_args = ranks.receive_json()
-    if error or runner_args is None:  # this rank or another could not load: rank 0 gives up
-        return
-    runner = None
-    try:
-        runner = ModelRunner(model, **runner_args)
-    except ValueError as e:
-        error = str(e)
-    ranks.gather(error)
-    if runner is None:
-        return
-    while True:
-        what, a, b, c = ranks.receive()
-        if what == STOP:
-            dist.barrier(group=ranks.control)
-            break
-        if what == PREFILL:
-            result = runner.run_prefill(job_from_frame(ranks.receive_frame(), runner.config))
-            ranks.gather_frames(result_frame(result))
-        elif what == DECODE:
-            runner.run_decode(a, MODES[b], c)
-        elif what == RELEASE:
-            runner.release(a)
-    dist.destroy_process_group()
-
-
-def load_sharded(ranks: Ranks, spec: WorkerSpec) -> torch.nn.Module:
-    """Rank 0: every rank loads its shard of the model; rank 0's is returned. A rank's loading error is raised."""
-    with ranks.guard("start"):
-        ranks.send_json({"model": spec.model, "dtype": str(spec.dtype).removeprefix("torch."),
-                         "weights_dtype": spec.weights_dtype})
-    model, error = None, None
-    try:
-        model = load_model(spec.model, spec.dtype, ranks.device, None, spec.weights_dtype, ranks.tp)
-    except ValueError as e:
-        error = str(e)
-    with ranks.guard("start"):
-        errors = ranks.gather(error)
-        if any(errors):
-            ranks.send_json(None)  # the workers stop waiting for their runner's settings
-    ranks.raise_first(errors)
-    return model
-
-
-class ParallelRunner(ModelRunner):
-    """Rank 0's runner: each call goes to the workers first, then runs here on rank 0's shard."""
-
-    def __init__(self, ranks: Ranks, model: torch.nn.Module, slots: int, capacity: int, prefill_chunk_size: int,
-                 cuda_graph: bool = True, compile: bool = False, kv_int8: bool = False):
-        self.ranks = ranks
-        args = dict(slots=slots, capacity=capacity, prefill_chunk_size=prefill_chunk_size, cuda_graph=cuda_graph,
-                    compile=compile, kv_int8=kv_int8)
-        with ranks.guard("start"):
-            ranks.send_json(args)
-        error = None
-        try:
-            super().__init__(model, **args)
-        except ValueError as e:
-            error = str(e)
-        with ranks.guard("start"):
-            errors = ranks.gather(error)
-        ranks.raise_first(errors)  # the workers that built theirs are stopped by LLM's clean-up
-
-    @property
-    def cache_bytes(self) -> int:
-        return self.cache.nbytes * self.ranks.size
-
-    def prefill(self, seq: Sequence) -> int:
-        job = PrefillJob.of(seq)
-        with self.ranks.guard("prefill"):
-            self.ranks.send(PREFILL)
-            self.ranks.send_frame(job_frame(job))
-            mine = self.run_prefill(job, prefill_progress(seq))
-            frames = self.ranks.gather_frames(result_frame(mine))
-        return self.finish_prefill(seq, [mine] + [result_from_frame(f) for f in frames[1:]])
-
-    def decode(self, live: list[Sequence]) -> list[int]:
-        bucket, mode, span = self.plan_decode(live)
-        with self.ranks.guard("decode step"):
-            self.ranks.send(DECODE, bucket, MODES.index(mode), span)
-            tokens = self.run_decode(bucket, mode, span).tolist()
-        for s in live:
-            s.cache_entries += 1
-        return tokens
-
-    def release(self, slot: int) -> None:
-        if not self.ranks.failed:
-            with self.ranks.guard("release"):
-                self.ranks.send(RELEASE, slot)
-        super().release(slot)

@@ -1,4 +1,5 @@
-"""ChatSession: a conversation that keeps its compressed KV cache in one slot between turns.
+"""ChatSession: a conversation that keeps its compressed KV cache in one slot between turns, built on the engine's
+public seams (a reserved slot, `submit` with a continued prefill, an on-finish hook).
 
     chat = llm.chat_session(system="You answer briefly.")
     print(chat.send("Here is a report: ... What year was the bridge built?").text)
@@ -6,30 +7,14 @@
         print(piece, end="")
     chat.close()  # the slot goes back to the engine
 
-A session reserves one cache slot. Its first turn is prefilled like any prompt (SnapKV selects inside every
-layer); the answer's tokens are appended by the decode steps and stay. A later turn feeds only what is new: the
-last answer's final token (sampled, never fed), the template's closing of that answer, the new user message and
-the generation prompt, at positions that continue from the true conversation length. Those new tokens attend to
-everything the slot holds, and the held entries and the new tokens are candidates together: while they fit the
-budget plus `reserve`, all of them stay; past that, the selection policy runs again over all of them, with the
-new turn's last `window` queries voting (SnapKV's own idea, one observation window per question), so the slot
-goes back to `budget` entries and what the new question needs is kept. The positions of every held entry are
-tracked per (layer, kv head), so `kept_positions` says which conversation tokens the cache still holds.
-
-Entries dropped in one turn are gone for the next: a document compressed under a turn-1 window that did not ask
-about it may have lost what a later question needs (measured in benchmarks/results/multiturn.md: 0 of 20 against 4
-of 20 for prefilling the conversation again). `full_history=True` keeps every entry of the conversation in host
-memory as well (what a full cache would hold, off the decode path): each turn's new tokens then attend to the
-whole conversation and its window selects from all of it, as a re-prefill would, while decode still reads only
-the compressed slot (4 of 20 there, at the carried session's speed).
-
-What is new in a turn comes from the chat template itself: the conversation is rendered with a marker in place
-of the last answer, and what follows the marker is the closing and the next turn, whatever the template's
-format. The cache holds each turn as it was rendered then; a template that renders earlier turns differently
-once later ones exist (some drop earlier reasoning) is not re-read. If a turn fails while it runs, the slot's
-entries are lost: the history stays, and the next turn prefills the whole conversation again. Models with a
-sliding window and policies with ragged rows (adakv) are refused: their held entries need per-entry masks in
-prefill that the engine does not have.
+The first turn is prefilled like any prompt; the answer's tokens stay in the slot. A later turn feeds only what is
+new (the last answer's final token, the template's closing of it, the new message, the generation prompt) at
+positions that continue the conversation; those tokens attend to everything the slot holds, and held and new
+entries are candidates together: while they fit the budget plus `reserve` all stay, past that the policy selects
+again with the new turn's window voting. What one turn drops is gone for the next unless `full_history=True`,
+which keeps every entry of the conversation in host memory to select from. What is new in a turn comes from the
+chat template itself, rendered with a marker in place of the last answer. A turn that fails loses the slot's
+entries: the next one prefills the history again. Sliding-window models and ragged policies (adakv) are refused.
 """
 
 from __future__ import annotations
@@ -37,18 +22,17 @@ from __future__ import annotations
 import dataclasses
 import secrets
 from collections import deque
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import torch
 
+from engine import LLM
 from engine.errors import InvalidRequest, PromptTooLong, SessionBusy, SessionClosed
 from engine.sampling_params import SamplingParams
-from engine.sequence import ProgressFn, RequestOutput, Sequence, Status
+from engine.sequence import Placement, ProgressFn, RequestOutput, Sequence, Status
+from sessions.continued import ContinuedPrefill
 from snapkv.config import WINDOW_POLICIES, SnapKVConfig
 from snapkv.policies import FullCache, SelectionPolicy
-
-if TYPE_CHECKING:
-    from engine.llm import LLM
 
 
 
@@ -62,8 +46,9 @@ def answer_marker(messages: list[dict]) -> str:
 
 
 class ChatSession:
-    def __init__(self, llm: LLM, slot: int, system: str | None, snapkv: SnapKVConfig | None,
-                 reserve: int | None = None, full_history: bool = False):
+    def __init__(self, llm: LLM, system: str | None = None, snapkv: SnapKVConfig | None = None,
+                 reserve: int | None = None, full_history: bool = False, keep_aborted_turns: bool = True):
+        """keep_aborted_turns: an aborted turn's partial answer stays in the conversation (False: no trace)."""
         if llm.config.sliding_window is not None:
             raise InvalidRequest("conversations that keep their cache need a model without a sliding window (held "
                              "entries would need per-position masks in prefill); send each turn as a whole prompt "
@@ -73,22 +58,25 @@ class ChatSession:
                              "next turn cannot attend to; use snapkv or pyramidkv for a chat session")
         if llm.tokenizer.chat_template is None:
             raise InvalidRequest("this model's tokenizer has no chat template; a chat session needs one")
-        self.llm, self.slot, self.system, self.snapkv, self.full_history = llm, slot, system, snapkv, full_history
+        if full_history and llm.ranks is not None:
+            raise InvalidRequest("full_history sessions are not supported with tensor parallelism (each rank holds "
+                                 "its own kv heads); use full_history=False or tensor_parallel_size=1")
+        self.llm, self.system, self.snapkv, self.full_history = llm, system, snapkv, full_history
         self.policy = llm.make_policy(snapkv)
         self.compressing = not isinstance(self.policy, FullCache)
-        budget = self.policy.most_per_head() if self.compressing else llm.runner.capacity
-        room = llm.runner.capacity - budget
+        budget = self.policy.most_per_head() if self.compressing else llm.max_kv_len
+        room = llm.max_kv_len - budget
         if reserve is None:
             reserve = max(room // 2, 0)
         if not isinstance(reserve, int) or isinstance(reserve, bool) or reserve < 0:
             raise InvalidRequest(f"reserve must be a non-negative integer (got {reserve!r})")
         self.budget, self.reserve = budget, reserve
-        self.closed = False
-        self.keep_aborted_turns = True  # an aborted turn's partial answer stays (False: the turn leaves no trace)
+        self.closed, self.keep_aborted_turns = False, keep_aborted_turns
         self._busy: Sequence | None = None
         self._user_text = ""
-        self._lock = llm._lock  # the engine's: turns end inside its step
+        self._lock = llm.lock  # the engine's: turns end inside its step
         self._clear(keep_history=False)
+        self.slot = llm.reserve_slot()  # last: nothing after it can fail
 
     # --- state --------------------------------------------------------------------------------------------------
 
@@ -127,13 +115,14 @@ class ChatSession:
         entries = sum(p.shape[-1] for p in self.positions) / self.llm.config.num_layers
         return round(entries * self.llm.kv_bytes_per_entry)
 
-    def past_candidates(self) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]] | None]:
-        """What the next turn selects from besides its own tokens: per layer the positions of the slot's entries
-        (and None), or, keeping the full history, every position so far and its K/V."""
+    def continued(self) -> ContinuedPrefill:
+        """The next turn's prefill: it selects among the slot's entries (or, keeping the full history, every
+        position so far and its K/V) and its own tokens, at positions that continue the conversation."""
         if not self.full_history:
-            return self.positions, None
+            return ContinuedPrefill(self.positions, self.conversation_tokens)
         heads, n = self.llm.config.num_kv_heads, self.conversation_tokens
-        return [torch.arange(n).expand(heads, n)] * self.llm.config.num_layers, self.archive
+        positions = [torch.arange(n).expand(heads, n)] * self.llm.config.num_layers
+        return ContinuedPrefill(positions, n, self.archive)
 
     @property
     def history_bytes(self) -> int:
@@ -144,6 +133,15 @@ class ChatSession:
     def kept_positions(self) -> list[torch.Tensor]:
         """Per layer, [kv_heads, held] conversation positions the slot holds (indexes into `token_ids`)."""
         return [p.clone() for p in self.positions]
+
+    def begin_with(self, messages: list[dict]) -> None:
+        """Start the conversation from these earlier messages (prefilled with its first turn): a conversation
+        that began elsewhere."""
+        with self._lock:
+            self._check_usable()
+            if self.token_ids:
+                raise InvalidRequest("this conversation has begun; reset() it first")
+            self.messages = [dict(m) for m in messages]
 
     def reset(self) -> None:
         """Forget the conversation (the system message stays); the slot stays reserved."""
@@ -159,7 +157,7 @@ class ChatSession:
             if self._busy is not None:
                 self.llm.abort(self._busy.request_id)
             self.closed = True
-            self.llm._release_session_slot(self.slot)
+            self.llm.release_slot(self.slot)
 
     def __enter__(self) -> ChatSession:
         return self
@@ -208,14 +206,14 @@ class ChatSession:
         any prompt is) or the budget plus the reserve (a later turn: the slot grows that far before it is
         compressed again); otherwise compress with the session's policy, its window no longer than the new
         tokens."""
-        capacity = self.llm.runner.capacity
+        capacity = self.llm.max_kv_len
         limit = self.budget + (self.reserve if self.held_entries else 0)
         if candidates + max_tokens <= capacity and (not self.compressing or candidates <= limit):
             return FullCache()
         if not self.compressing:
-            raise PromptTooLong(f"the conversation needs {candidates + max_tokens} cache entries ({candidates} so far, "
-                             f"max_tokens {max_tokens}) but a slot holds {capacity} with the full cache; reset the "
-                             "session, use SnapKV, or give the engine a larger max_kv_len")
+            raise PromptTooLong(f"the conversation needs {candidates + max_tokens} cache entries ({candidates} so "
+                                f"far, max_tokens {max_tokens}) but a slot holds {capacity} with the full cache; "
+                                "reset the session, use SnapKV, or give the engine a larger max_kv_len")
         if self.snapkv.policy in WINDOW_POLICIES and new < self.snapkv.window:
             return self.llm.make_policy(dataclasses.replace(self.snapkv, window=new))
         return self.policy
@@ -235,21 +233,23 @@ class ChatSession:
             ids = self.new_tokens(user_text)
             candidates = (self.conversation_tokens if self.full_history else self.held_entries) + len(ids)
             if fill_max_tokens:
-                capacity = self.llm.runner.capacity
+                capacity = self.llm.max_kv_len
                 room = capacity - self.budget - self.reserve if self.compressing else capacity - candidates
                 positions = self.llm.max_model_len - self.conversation_tokens - len(ids)
                 params = dataclasses.replace(params, max_tokens=max(1, min(room, positions)))
             policy = self.turn_policy(candidates, params.max_tokens, len(ids))
-            seq = self.llm._add(None, params, False, ids, request_id, None, False, progress, mailbox,
-                                turn=(self, policy))
+            turn = self.continued()
+            seq = self.llm.submit(ids, params, policy=policy, request_id=request_id, progress=progress,
+                                  mailbox=mailbox, on_finish=self.turn_ended,
+                                  placement=Placement(self.slot, turn.start, turn.held, turn))
             self._busy, self._user_text = seq, user_text
             return seq
 
-    def turn_ended(self, seq: Sequence, prefilled: bool) -> None:
+    def turn_ended(self, seq: Sequence) -> None:
         """Called by the engine when a turn finishes (or is aborted, or fails): fold it into the conversation."""
         with self._lock:
             self._busy = None
-            if not prefilled:  # aborted while waiting: nothing ran
+            if seq.view is None:  # aborted while waiting: nothing ran
                 return
             lost = seq.finish_reason == "error" or seq.kept is None  # the slot's entries may be half overwritten
             if lost or (seq.finish_reason == "abort" and not self.keep_aborted_turns):
@@ -258,12 +258,12 @@ class ChatSession:
             fed = seq.token_ids[:-1]  # every generated token but the last went through a decode step
             if self.full_history:  # the history grows by this turn's tokens and the answer's decoded entries
                 cache = self.llm.runner.cache
-                for layer, (kept, (turn_k, turn_v)) in enumerate(zip(seq.kept, seq.turn_kv)):
+                for layer, (kept, (turn_k, turn_v)) in enumerate(zip(seq.kept, seq.view.turn_kv)):
                     n = kept.shape[-1]
                     k, v = (c.cpu() for c in cache.read_rows((layer, self.slot, slice(None), slice(n, n + len(fed)))))
                     old_k, old_v = self.archive[layer]
                     self.archive[layer] = torch.cat([old_k, turn_k, k], dim=1), torch.cat([old_v, turn_v, v], dim=1)
-            start = seq.start_position + len(seq.prompt_token_ids)
+            start = seq.placement.start + len(seq.prompt_token_ids)
             decoded = torch.arange(start, start + len(fed))
             self.positions = [torch.cat([kept, decoded.expand(kept.shape[0], -1)], dim=-1) for kept in seq.kept]
             self.token_ids += seq.prompt_token_ids + fed
@@ -276,13 +276,13 @@ class ChatSession:
                     "decode_s": seq.stats.get("decode_s"), "kv_bytes": self.kv_bytes,
                     "history_bytes": self.history_bytes}
             self.turns.append(turn)
-            seq.stats["session"] = dict(turn)
+            seq.record(session=dict(turn))
 
     def send(self, user_text: str, params: SamplingParams | None = None,
              progress: ProgressFn | None = None) -> RequestOutput:
         """Run one turn and return its output (text, tokens, finish_reason, stats)."""
         seq = self.add_turn(user_text, params, mailbox=deque(maxlen=1), progress=progress)
-        self.llm._run_until(lambda: seq.status is Status.FINISHED)
+        self.llm.run_until(lambda: seq.status is Status.FINISHED)
         return seq.mailbox[-1]
 
     def stream(self, user_text: str, params: SamplingParams | None = None, result: list | None = None,
@@ -290,4 +290,4 @@ class ChatSession:
         """Run one turn, yielding its text as it is produced; the final RequestOutput is appended to `result`
         (if a list). Closing the iterator early aborts the turn; what was generated stays in the conversation."""
         seq = self.add_turn(user_text, params, mailbox=deque(), progress=progress)
-        return self.llm._drain(seq, result)
+        return self.llm.follow(seq, result)

@@ -1,80 +1,19 @@
-"""Weight-only quantized layers: int8 and int4 linears, an int8 embedding, and the quantizers that make them.
-
-Decode reads every weight once per step, so storing weights in fewer bits is what makes a step faster; the
-activations, norms, attention and the KV cache stay in the model's dtype. Formats (w = the float weight):
-    int8  q int8 [N, K], scale [N, K / group]       w = scale * q            (group K: per output channel)
-    int4  q 0..15 [N, K], scale, zero [N, K / group] w = scale * (q - 8) + zero   (torch's "tinygemm" layout)
-A GGUF Q4_0 block (d, 32 nibbles: w = d * (q - 8)) is int4 with zero 0, and Q4_1 (d, m: w = d * q + m) is int4
-with zero m + 8d, both group 32; Q8_0 (d, 32 int8: w = d * q) is int8 with group 32. These map without loss.
-Kernels: per output channel int8 runs torch's `_weight_int8pack_mm`; int4 runs `_weight_int4pack_mm_for_cpu` on
-CPU and `_weight_int4pack_mm` on CUDA. Both take bfloat16 activations and bfloat16 scales (on CPU their float32
-forms are 10-30x slower), so a quantized linear casts its input to bfloat16 and its output back; the scales
-round to bfloat16 there (relative 2^-9, about 1/60 of an int4 step). Int8 with a group smaller than K (GGUF
-Q8_0) has no kernel; it runs as two int4 planes, q = 16 * hi + lo, which hold it exactly. On CUDA, int8
-dequantizes in the matmul (torch's CUDA int8pack kernel is slower still): slower than bfloat16 unless the step is
-compiled (--compile), which fuses the two; int4 is the fast choice there.
+"""The quantized and cast modules swapped in for nn.Linear / nn.Embedding: int4 (torch's int4pack kernels on CPU
+and CUDA), int8 per output channel (`_weight_int8pack_mm` on CPU, dequantized in the matmul on CUDA), group-wise
+int8 run exactly as two int4 planes, and float weights stored in another dtype than the activations. The kernels
+take bfloat16 activations and scales (their float32 forms are 10-30x slower on CPU), so each layer casts its input
+to bfloat16 and its output back.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quant.weights import Int4Weight, Int8Weight, int8_as_int4_planes
+
 KERNEL_DTYPE = torch.bfloat16  # the activations and scales torch's int8/int4 kernels take
-INT4_GROUP = 32
-
-
-@dataclass
-class Int8Weight:
-    q: torch.Tensor      # int8 [N, K]
-    scale: torch.Tensor  # float32 [N, K // group]
-
-    @property
-    def group(self) -> int:
-        return self.q.shape[1] // self.scale.shape[1]
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        n, k = self.q.shape
-        return (self.q.view(n, -1, self.group).double() * self.scale.double()[..., None]).view(n, k).to(dtype)
-
-
-@dataclass
-class Int4Weight:
-    q: torch.Tensor      # uint8 [N, K], values 0..15
-    scale: torch.Tensor  # float32 [N, K // group]
-    zero: torch.Tensor   # float32 [N, K // group]
-
-    @property
-    def group(self) -> int:
-        return self.q.shape[1] // self.scale.shape[1]
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """[N, K], each value rounded once from the exact scale * (q - 8) + zero (as an FMA would)."""
-        n, k = self.q.shape
-        q = self.q.view(n, -1, self.group).double() - 8
-        return (q * self.scale.double()[..., None] + self.zero.double()[..., None]).view(n, k).to(dtype)
-
-
-def quantize_int8(w: torch.Tensor) -> Int8Weight:
-    """Symmetric, one scale per output channel (row): the largest |w| of a row maps to 127."""
-    w = w.float()
-    scale = (w.abs().amax(1, keepdim=True) / 127).clamp(min=1e-12)
-    return Int8Weight((w / scale).round().clamp(-127, 127).to(torch.int8), scale)
-
-
-def quantize_int4(w: torch.Tensor, group: int = INT4_GROUP) -> Int4Weight:
-    """Asymmetric, group-wise along K: each group's min..max spans the 16 levels (as gpt-fast does)."""
-    n, k = w.shape
-    if k % group:
-        raise ValueError(f"int4 needs the input size ({k}) to be a multiple of the group size {group}")
-    g = w.float().reshape(n, k // group, group)
-    low, high = g.amin(-1), g.amax(-1)
-    scale = ((high - low) / 15).clamp(min=1e-12)
-    q = ((g - low[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.uint8)
-    return Int4Weight(q.view(n, k), scale, low + 8 * scale)
 
 
 def _pack_int4(q: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -132,15 +71,6 @@ class Int8Linear(nn.Module):
         else:
             out = F.linear(flat, self.q.to(KERNEL_DTYPE)) * self.scale
         return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
-
-
-def int8_as_int4_planes(weight: Int8Weight) -> tuple[Int4Weight, Int4Weight]:
-    """q = 16 * hi + lo with hi in -8..7 and lo in 0..15: scale * q = 16 scale * hi + (scale * (lo - 8) + 8 scale)
-    — two int4 weights (hi stored as hi + 8, zero 0; lo with zero 8 scale) whose sum is the int8 weight exactly."""
-    q = weight.q.to(torch.int16)
-    hi, lo = torch.div(q, 16, rounding_mode="floor"), q % 16
-    return (Int4Weight((hi + 8).to(torch.uint8), 16 * weight.scale, torch.zeros_like(weight.scale)),
-            Int4Weight(lo.to(torch.uint8), weight.scale, 8 * weight.scale))
 
 
 class Int8GroupLinear(nn.Module):
