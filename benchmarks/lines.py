@@ -15,6 +15,8 @@ READING_ORDER = ("engine/llm.py", "engine/sequence.py", "engine/scheduler.py", "
                  "models/llama.py", "models/attention.py", "engine/cache_views.py", "snapkv/config.py",
                  "snapkv/policies.py", "snapkv/select.py", "engine/kv_cache.py", "engine/decode_step.py",
                  "engine/sampler.py", "engine/sampling_params.py")
+# beside the path: what refuses a request that cannot fit (positions, slot capacity, prefill memory), before it runs
+CHECKS = ("engine/admission.py", "engine/memory_model.py")
 CORE_GOAL, PATH_GOAL = 2000, 1300
 
 
@@ -47,6 +49,9 @@ def main() -> int:
         path += n
         print(f"  {name:<26}{n:>6}")
     print(f"  {'total':<26}{path:>6}   (goal <= {PATH_GOAL})")
+    print("beside it: the checks that refuse what cannot fit, before anything runs")
+    for name in CHECKS:
+        print(f"  {name:<26}{lines(ROOT / name):>6}")
     return 0
 
 

@@ -9,7 +9,6 @@ quantization, tensor parallelism and chat sessions come from wings (`engine.wing
 from __future__ import annotations
 
 import itertools
-import operator
 import secrets
 import threading
 import time
@@ -19,11 +18,10 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from engine import wings
+from engine.admission import check_fits, check_prompt, slot_capacity
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
-from engine.errors import EngineFailure, InvalidRequest, NoCapacity, PromptTooLong
-from engine.kv_cache import available_memory_bytes, format_bytes
-from engine.memory_model import longest_prompt_that_fits, predict_prefill_peak
+from engine.errors import EngineFailure, InvalidRequest, NoCapacity
 from engine.model_runner import ModelRunner
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
@@ -34,8 +32,6 @@ from models.llama import weight_bytes
 from snapkv.config import SnapKVConfig
 from snapkv.policies import SelectionPolicy, make_policy
 
-DEFAULT_NEW_TOKENS = 1024  # with SnapKV, a slot holds budget + this many entries unless max_kv_len says otherwise
-CACHE_MEMORY_SHARE = 0.5  # a default-sized cache takes at most this share of free memory; prefill needs the rest
 ENGINE_DEFAULT = object()  # a sentinel: add_request(snapkv=ENGINE_DEFAULT) takes the engine's own SnapKV settings
 
 
@@ -69,11 +65,11 @@ class LLM:
             self._finalizer = weakref.finalize(self, self.ranks.close)
         else:
             self.model = checkpoints.load_model(path, self.dtype, self.device, self.config, opts.weights_dtype)
-            self.runner = ModelRunner(self.model, self.max_batch_size, self.capacity(), self.prefill_chunk_size,
+            self.runner = ModelRunner(self.model, self.max_batch_size, slot_capacity(self), self.prefill_chunk_size,
                                       opts.cuda_graph, opts.compile, cache_class)
         self.weight_bytes = weight_bytes(self.model) * opts.tensor_parallel_size  # every rank's (about equal) share
         self.max_kv_len = self.runner.capacity
-        self.scheduler = Scheduler(self.max_batch_size, self.prefill_chunk_size, self._admission_check)
+        self.scheduler = Scheduler(self.max_batch_size, self.prefill_chunk_size, lambda seq: check_fits(self, seq))
         self.lock = threading.RLock()  # one step at a time; generate/stream from other threads join the loop
         self._ids = itertools.count()
         self._unclaimed: list[RequestOutput] = []  # outputs of add_request requests produced by others' steps
@@ -99,21 +95,6 @@ class LLM:
         """The selection policy for these settings on this model (its layers and sliding window)."""
         return make_policy(snapkv, self.config.num_layers, self.config.sliding_window)
 
-    def capacity(self, ranks: int = 1) -> int:
-        """Entries a slot holds: max_kv_len, else what the policy keeps + DEFAULT_NEW_TOKENS (full cache: the
-        model's length), within CACHE_MEMORY_SHARE of free memory (on GPUs a rank holds 1/ranks of it)."""
-        if self.options.max_kv_len is not None:
-            return self.options.max_kv_len  # KVCache refuses it, with the numbers, if it does not fit
-        per_entry = self.kv_bytes_per_entry // (ranks if self.device.type == "cuda" else 1)
-        fits = int(available_memory_bytes(self.device) * CACHE_MEMORY_SHARE) // (self.max_batch_size * per_entry)
-        compressed = self.snapkv is not None and self.snapkv.policy != "full"
-        wanted = self.policy.kept_length(self.max_model_len) + DEFAULT_NEW_TOKENS if compressed else self.max_model_len
-        capacity = min(wanted, self.max_model_len, fits)
-        if capacity < 1:
-            raise ValueError(f"not even one cache entry per slot fits in free memory ({self.max_batch_size} "
-                             "slots); lower max_batch_size")
-        return capacity
-
     # --- requests ---------------------------------------------------------------------------------------------
 
     def encode_prompt(self, prompt: str, chat: bool) -> list[int]:
@@ -132,62 +113,10 @@ class LLM:
         text = self.tokenizer.apply_chat_template(messages)
         return self.tokenizer.encode(text, add_special_tokens=False)  # the template carries its own bos
 
-    def _check_prompt(self, ids) -> list[int]:
-        """A list of in-vocabulary token ids that leaves room for at least one new token."""
-        if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
-            raise InvalidRequest(f"prompt token ids must be a list of integers (got {type(ids).__name__})")
-        try:
-            ids = [operator.index(t) for t in ids]
-        except TypeError:
-            raise InvalidRequest("prompt token ids must be integers; pass a list of lists of ints, e.g. "
-                                 "prompt_token_ids=[[1, 2, 3]]") from None
-        if not ids:
-            raise InvalidRequest("the prompt is empty")
-        if len(ids) >= self.max_model_len:
-            hint = "" if self.allow_longer_context else " or allow longer contexts (--allow-longer-context)"
-            raise PromptTooLong(f"the prompt has {len(ids)} tokens but the model handles at most "
-                                f"{self.max_model_len} positions; shorten the prompt{hint}")
-        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
-        if bad:
-            raise InvalidRequest(f"token id {bad[0]} is outside the vocabulary (size {self.config.vocab_size})")
-        return ids
-
     def room_for(self, prompt_len: int, snapkv: SnapKVConfig | None = ENGINE_DEFAULT) -> int:
         """The most tokens a prompt of this length may ask for (what positions and its slot have left)."""
         policy = self.policy if snapkv is ENGINE_DEFAULT else self.make_policy(snapkv)
         return min(self.max_model_len - prompt_len, self.runner.capacity - policy.kept_length(prompt_len))
-
-    def _admission_check(self, seq: Sequence) -> None:
-        """Refuse, before anything runs, a request that can never fit: positions, slot capacity, prefill memory."""
-        n, m = seq.placement.start + len(seq.prompt_token_ids), seq.params.max_tokens
-        what = "conversation" if seq.placement.start else "prompt"
-        if seq.placement.slot is None and self.scheduler.reserved >= self.max_batch_size:
-            raise NoCapacity(f"all {self.max_batch_size} cache slots are held by chat sessions, so this request "
-                             "would never run; close a session or build the engine with a larger max_batch_size")
-        kept, capacity, candidates = seq.kept_length, self.runner.capacity, seq.candidates
-        if n + m > self.max_model_len:
-            raise PromptTooLong(f"the {what} has {n} tokens and max_tokens is {m}, together past the model's "
-                                f"{self.max_model_len} positions; lower max_tokens (-n) to at most "
-                                f"{self.max_model_len - n} or shorten the {what}")
-        if kept + m > capacity:
-            source = f"{candidates} held and new entries" if seq.placement.held else f"{candidates}-token prompt"
-            fix = (f"lower max_tokens (-n) to at most {capacity - kept}, lower the SnapKV budget" if kept < capacity
-                   else f"its kept entries alone fill the slot: lower the SnapKV budget, shorten the {what}")
-            raise PromptTooLong(f"the request needs {kept + m} cache entries ({source}, {kept} kept, "
-                                f"max_tokens {m}) but a slot holds {capacity}; {fix}, or build the engine with "
-                                f"max_kv_len >= {kept + m}")
-        window = seq.policy.queries_needed
-        e, chunk, kind = self.dtype.itemsize, self.prefill_chunk_size, self.device.type
-        estimate = predict_prefill_peak(self.config, candidates, e, chunk, window, kind, self.prefill_repeats_kv)
-        free = available_memory_bytes(self.device)
-        if estimate.total > free:
-            fits = longest_prompt_that_fits(self.config, free, e, chunk, window, kind,
-                                            repeat_kv=self.prefill_repeats_kv)
-            raise PromptTooLong(
-                f"a {n}-token prompt needs about {format_bytes(estimate.total)} beyond the weights and the cache "
-                f"to prefill ({estimate.describe()}) but {format_bytes(free)} is free on {self.device}; about "
-                f"{fits} tokens would fit: shorten the prompt or lower the prefill chunk size")
-        seq.record(predicted_peak_bytes=estimate.total)
 
     def add_request(self, prompt: str | None = None, sampling_params: SamplingParams | None = None,
                     chat: bool = False, prompt_token_ids: list[int] | None = None, request_id: str | None = None,
@@ -206,7 +135,7 @@ class LLM:
                on_finish: Callable[[Sequence], None] | None = None) -> Sequence:
         """add_request's general form: the policy to select with, outputs to a mailbox instead of step(), a
         placement (a reserved slot, continued positions and prefill), on_finish(seq) when it ends or is aborted."""
-        ids = self._check_prompt(prompt_token_ids)
+        ids = check_prompt(self, prompt_token_ids)
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InvalidRequest(f"sampling params must be a SamplingParams (got {type(params).__name__})")
@@ -361,8 +290,8 @@ class LLM:
                 isinstance(p, int) for p in prompt_token_ids)):
             raise InvalidRequest("prompt_token_ids must be a list of token-id lists, one per prompt, e.g. "
                                  "[[1, 2, 3]]")
-        ids_list = [self._check_prompt(ids) for ids in prompt_token_ids] if prompts is None else \
-            [self._check_prompt(self.encode_prompt(p, chat)) for p in prompts]
+        ids_list = [check_prompt(self, ids) for ids in prompt_token_ids] if prompts is None else \
+            [check_prompt(self, self.encode_prompt(p, chat)) for p in prompts]
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(ids_list)
         if len(params) != len(ids_list):
             raise InvalidRequest(f"got {len(params)} sampling params for {len(ids_list)} prompts")

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from engine import wings
+from engine.admission import slot_capacity
 from engine.cache_views import PrefillView
 from engine.decode_step import MODES
 from engine.kv_cache import KVCache
@@ -45,7 +46,7 @@ def start_engine(llm, path, cache_class: type[KVCache] | None):
         llm.device = ranks.device
         spec = WorkerSpec(str(path), str(llm.dtype).removeprefix("torch."), opts.weights_dtype)
         model = load_sharded(ranks, spec)
-        settings = dict(slots=llm.max_batch_size, capacity=llm.capacity(ranks.size),
+        settings = dict(slots=llm.max_batch_size, capacity=slot_capacity(llm, ranks.size),
                         prefill_chunk_size=llm.prefill_chunk_size, cuda_graph=opts.cuda_graph, compile=opts.compile,
                         kv_dtype=opts.kv_dtype)
         return ranks, model, ParallelRunner(ranks, model, settings)

@@ -21,7 +21,7 @@ def test_refuses_impossible_allocation_before_allocating(monkeypatch):
 
 
 def test_llm_reports_the_cache_error_and_bounds_its_default(monkeypatch, smol_dir):
-    import engine.llm
+    import engine.admission
     from engine import LLM
 
     monkeypatch.setattr(kv_cache, "available_memory_bytes", lambda device: 10 * 2**20)
@@ -29,7 +29,7 @@ def test_llm_reports_the_cache_error_and_bounds_its_default(monkeypatch, smol_di
         LLM(smol_dir, max_batch_size=1, max_kv_len=512)  # an explicit size that does not fit is refused
     monkeypatch.undo()
     # a default size takes at most half the free memory: 100 MiB / 2 / (2 slots x 46,080 bytes an entry)
-    monkeypatch.setattr(engine.llm, "available_memory_bytes", lambda device: 100 * 2**20)
+    monkeypatch.setattr(engine.admission, "available_memory_bytes", lambda device: 100 * 2**20)
     llm = LLM(smol_dir, max_batch_size=2)
     assert llm.max_kv_len == 50 * 2**20 // (2 * 46080) == 568
     out = llm.generate(prompt_token_ids=[[5] * 400], sampling_params=SamplingParams(max_tokens=100))[0]

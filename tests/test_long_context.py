@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-import engine.llm as llm_module
+import engine.admission as admission
 from engine import LLM, SamplingParams
 from engine.kv_cache import KVCache
 from benchmarks.long_context import predict_generation_peak
@@ -83,7 +83,7 @@ def test_refusal_before_starting(smol_dir, monkeypatch):
     # a slot just large enough for the 20,000-token request, so that it passes the capacity check and reaches the
     # memory one (the default size for a full cache past the trained length is half the free memory: gigabytes)
     llm = LLM(smol_dir, allow_longer_context=True, max_batch_size=1, max_kv_len=20004)
-    monkeypatch.setattr(llm_module, "available_memory_bytes", lambda device: 300 * 2**20)
+    monkeypatch.setattr(admission, "available_memory_bytes", lambda device: 300 * 2**20)
     refused = llm.generate(prompt_token_ids=[[5] * 20000], sampling_params=SamplingParams(max_tokens=4))[0]
     assert refused.finish_reason == "error" and not refused.token_ids
     assert re.fullmatch(r"a 20000-token prompt needs about .* beyond the weights and the cache to prefill "

@@ -10,7 +10,7 @@ import torch
 import engine.model_runner as runner_module
 from engine import LLM, SamplingParams
 from engine.cache_views import PrefillView
-from engine.llm import DEFAULT_NEW_TOKENS
+from engine.admission import DEFAULT_NEW_TOKENS
 from models.attention import causal_mask
 from snapkv import SnapKVConfig, make_policy
 from tests.conftest import tiny_model_dir
@@ -93,7 +93,7 @@ def test_compressed_decode_equals_masked_full_attention(tmp_path, caches, kind, 
     prompt = torch.randint(3, 256, (150,)).tolist()
     out = llm.generate(prompt_token_ids=[prompt], sampling_params=SamplingParams(max_tokens=24, ignore_eos=True),
                        return_kept=True)[0]
-    # the selection is exactly snapkv_select on each layer's own q/k (tested against the plain reference)
+    # the selection is exactly the SnapKV policy's select on each layer's own q/k (tested against the plain reference)
     capture = Capture(len(prompt))
     with torch.no_grad():
         llm.model(torch.tensor([prompt]), ctx=capture)

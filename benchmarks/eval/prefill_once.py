@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 
 from engine import SamplingParams
+from engine.admission import check_prompt
 from snapkv.config import SnapKVConfig
 
 
@@ -86,7 +87,7 @@ class PrefilledPrompt:
     def __init__(self, llm, prompt_ids: list[int], max_window: int = 64):
         """max_window: the largest SnapKV window that will be decoded (the capture keeps that many queries)."""
         self.llm = llm
-        self.prompt_ids = llm._check_prompt(prompt_ids)
+        self.prompt_ids = check_prompt(llm, prompt_ids)
         self.max_window = max_window
         ctx = _CaptureContext(max_window)
         with torch.inference_mode():
