@@ -15,9 +15,10 @@ import re
 import pytest
 
 from benchmarks.eval.documents import INSTRUCTION
-from benchmarks.eval.multiturn import (DISTRACTORS, MODES, build_conversation, plot, quality_cases, quality_goal,
-                                       report, run_quality_conversation, run_speed_conversation, speed_conversation,
-                                       speed_goal, speed_table_rows, split_case, summarize_quality)
+from benchmarks.eval.conversations import (DISTRACTORS, MODES, build_conversation, quality_cases,
+                                           run_quality_conversation, run_speed_conversation, speed_conversation,
+                                           split_case)
+from benchmarks.eval.multiturn import plot, quality_goal, report, speed_goal, speed_table_rows, summarize_quality
 from benchmarks.eval.tasks import Case
 from engine import LLM
 from snapkv.config import SnapKVConfig
