@@ -190,8 +190,7 @@ class ChatSession:
         tokenizer = self.llm.tokenizer
         user = {"role": "user", "content": user_text}
         if not self.token_ids:
-            text = tokenizer.apply_chat_template(self.messages + [user])
-            return tokenizer.encode(text, add_special_tokens=False)  # the template carries its own bos
+            return self.llm.encode_messages(self.messages + [user])
         marker = answer_marker(self.messages + [user])
         marked = self.messages[:-1] + [{"role": "assistant", "content": marker}, user]
         after = tokenizer.apply_chat_template(marked).split(marker, 1)[-1]

@@ -137,11 +137,6 @@ def turn_params(conversation: Conversation, turn: int, distractor_tokens: int = 
     return SamplingParams(max_tokens=ANSWER_TOKENS if scored else distractor_tokens, temperature=0.0)
 
 
-def templated_ids(llm, messages: list[dict]) -> list[int]:
-    """The conversation as a client that resends it gets it prefilled (as LLM.encode_prompt does one message)."""
-    return llm.tokenizer.encode(llm.tokenizer.apply_chat_template(messages), add_special_tokens=False)
-
-
 class Timer:
     """Wall-clock and CPU seconds (the process's, all threads) of a with-block."""
 
@@ -166,7 +161,7 @@ class ResentConversation:
         """One turn: its answer's tokens and its stats, timed from templating the conversation to the answer."""
         with Timer() as timer:
             self.messages.append({"role": "user", "content": user})
-            ids = templated_ids(self.llm, self.messages)
+            ids = self.llm.encode_messages(self.messages)
             out = self.llm.generate(prompt_token_ids=[ids], sampling_params=params)[0]
         if out.finish_reason == "error":
             raise RuntimeError(out.error)
@@ -197,7 +192,7 @@ class CarriedConversation:
         stats = self.chat.turns[-1]
         # False where the session's tokens (its answers as sampled) differ from its history templated and encoded
         # again (a decoded answer can encode to other tokens): modes (a) and (b) read the latter
-        resent = templated_ids(self.llm, self.chat.history[:-1])
+        resent = self.llm.encode_messages(self.chat.history[:-1])
         same = self.chat.token_ids[:start + stats["new_tokens"]] == resent
         return out.token_ids, {k: stats[k] for k in ("conversation_tokens", "new_tokens", "held_entries",
                                                      "compressed")} | dict(same_as_resent=same) | timer.seconds()
