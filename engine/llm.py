@@ -181,13 +181,16 @@ class LLM:
     def load(self) -> dict:
         """Requests running and waiting, slots free and held by sessions, KV bytes held (and as a full cache)."""
         with self.lock:
-            running = list(self.scheduler.running.values())
-            return {"running": len(running), "waiting": len(self.scheduler.waiting),
+            held = [self.kv_bytes(s) for s in self.scheduler.running.values()]
+            return {"running": len(held), "waiting": len(self.scheduler.waiting),
                     "free_slots": len(self.scheduler.free_slots), "session_slots": self.scheduler.reserved,
-                    "kv_bytes": self.kv_bytes_per_entry * sum(s.stats.get("kept_tokens", 0) + len(s.token_ids)
-                                                              for s in running),
-                    "full_kv_bytes": self.full_kv_bytes_per_entry * sum(s.placement.start + len(s.prompt_token_ids)
-                                                                        + len(s.token_ids) for s in running)}
+                    "kv_bytes": sum(k for k, _ in held), "full_kv_bytes": sum(f for _, f in held)}
+
+    def kv_bytes(self, seq: Sequence) -> tuple[int, int]:
+        """The bytes seq's cache entries take, and would take as a full cache in the engine's dtype."""
+        n = len(seq.token_ids)
+        return (self.kv_bytes_per_entry * (seq.stats.get("kept_tokens", 0) + n),
+                self.full_kv_bytes_per_entry * (seq.placement.start + len(seq.prompt_token_ids) + n))
 
     def abort(self, request_id: str) -> bool:
         """Drop a waiting or running request; its slot is free for the next one at once. False if unknown."""
@@ -260,11 +263,9 @@ class LLM:
         if seq.slot is not None:
             self.runner.release(seq.slot)
             self.scheduler.release(seq)
-        generated = len(seq.token_ids)
-        seq.record(weight_bytes=self.weight_bytes, kv_dtype=self.kv_dtype,
-                   kv_bytes=self.kv_bytes_per_entry * (seq.stats.get("kept_tokens", 0) + generated),
-                   full_kv_bytes=self.full_kv_bytes_per_entry * (seq.placement.start + len(seq.prompt_token_ids)
-                                                                 + generated))
+        kv_bytes, full_kv_bytes = self.kv_bytes(seq)
+        seq.record(weight_bytes=self.weight_bytes, kv_dtype=self.kv_dtype, kv_bytes=kv_bytes,
+                   full_kv_bytes=full_kv_bytes)
         if seq.on_finish is not None:
             seq.on_finish(seq)
 
